@@ -7,7 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax  # imported only after XLA_FLAGS is set above
 
 NUM_FAKE_DEVICES = 4
 assert jax.device_count() == NUM_FAKE_DEVICES, (
