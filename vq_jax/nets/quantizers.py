@@ -1,0 +1,595 @@
+"""Vector quantizers: VQ-VAE codebook, EMA codebook (with dead-code restarts) and FSQ.
+
+Every quantizer follows one contract so the autoencoder can swap them freely::
+
+    variables = q.init({"params": key}, z)                # z: [..., embed_dim]
+    z_q, result = q.apply(variables, z, train=False)      # z_q: z.shape, straight-through grads
+    vectors = q.apply(variables, indices, method="lookup")
+
+``result`` is a :class:`QuantizerResult`. Non-trainable statistics (EMA codebook, usage counts) live
+in the ``"vq_stats"`` collection and are updated only with ``train=True`` and
+``mutable=["vq_stats"]``. Distances are always computed in float32 with a single matmul.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+VQ_STATS = "vq_stats"
+"""Name of the non-param collection holding codebook statistics."""
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_LOG_EPS = 1e-8  # keeps log() finite for empty histogram bins / zero average probabilities
+_NORM_EPS = 1e-12
+_FSQ_BOUND_EPS = 1e-3  # keeps tanh bounds strictly inside the outermost rounding interval
+_CODEBOOK_INITS = ("uniform", "normal", "variance_scaling")
+
+
+@flax.struct.dataclass
+class QuantizerResult:
+    """Auxiliary outputs of a quantizer call (all scalars except ``indices``)."""
+
+    indices: Array  # int32, z.shape[:-1]; for FSQ the flat mixed-radix index
+    loss: Array  # total weighted quantizer loss to add to the generator loss
+    codebook_loss: Array  # mean ||sg[z] - e||^2 (0 for EMA / FSQ)
+    commitment_loss: Array  # mean ||z - sg[e]||^2, unweighted (loss uses beta * this)
+    entropy_loss: Array  # 0 unless the entropy regulariser is on
+    perplexity: Array  # exp(entropy of the batch code histogram)
+    usage: Array  # fraction of codebook entries used at least once in the batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers.
+
+
+def _check_codebook_size(owner: str, codebook_size: Any) -> None:
+    if not isinstance(codebook_size, int | np.integer) or codebook_size < 2:
+        raise ValueError(
+            f"{owner}: codebook_size must be an int >= 2, got {codebook_size!r}; "
+            "set codebook_size to the number of codes (e.g. 512)."
+        )
+
+
+def _check_positive_int(owner: str, field: str, value: Any) -> None:
+    if not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{owner}: {field} must be a positive int, got {value!r}; fix {field}.")
+
+
+def _check_last_dim(owner: str, z: Array, embed_dim: int) -> None:
+    if z.ndim < 1 or z.shape[-1] != embed_dim:
+        raise ValueError(
+            f"{owner} expects z of shape [..., embed_dim={embed_dim}], "
+            f"got z.shape={tuple(z.shape)}; project the encoder output to {embed_dim} channels "
+            "or change embed_dim."
+        )
+
+
+def _check_indices(owner: str, indices: Array) -> None:
+    if not jnp.issubdtype(jnp.asarray(indices).dtype, jnp.integer):
+        raise ValueError(
+            f"{owner}.lookup expects integer code indices, got dtype {jnp.asarray(indices).dtype}; "
+            "cast the indices with .astype(jnp.int32)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure building blocks (exported for tests and for reuse).
+
+
+def codebook_initializer(kind: str, codebook_size: int) -> Callable[..., Array]:
+    """Initializer for a [K, D] codebook.
+
+    'uniform': U(-1/K, 1/K) (taming-style); 'normal': N(0, 1); 'variance_scaling':
+    U(-sqrt(3/D), sqrt(3/D)), i.e. fan-in over the code dimension (sonnet-style).
+    """
+    if kind == "uniform":
+        scale = 1.0 / codebook_size
+        return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+            key, shape, dtype, minval=-scale, maxval=scale
+        )
+    if kind == "normal":
+        return nn.initializers.normal(stddev=1.0)
+    if kind == "variance_scaling":
+        return nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=-1, out_axis=-2)
+    raise ValueError(
+        f"unknown codebook init {kind!r}; use one of {', '.join(map(repr, _CODEBOOK_INITS))}."
+    )
+
+
+def l2_normalize(x: Array, axis: int = -1) -> Array:
+    """Scale vectors to unit L2 norm (zero vectors stay zero)."""
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS))
+
+
+def squared_distances(x: Array, codebook: Array) -> Array:
+    """||x_n - e_k||^2 for x [N, D] and codebook [K, D] as one float32 matmul -> [N, K]."""
+    x = x.astype(jnp.float32)
+    codebook = codebook.astype(jnp.float32)
+    cross = jnp.matmul(x, codebook.T, precision=_HIGHEST)
+    return (
+        jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+        - 2.0 * cross
+        + jnp.sum(jnp.square(codebook), axis=-1)[None, :]
+    )
+
+
+def code_histogram(indices: Array, codebook_size: int) -> Array:
+    """Float32 count of each code index in ``indices`` (any shape) -> [codebook_size]."""
+    return jnp.bincount(indices.reshape(-1), length=codebook_size).astype(jnp.float32)
+
+
+def histogram_stats(counts: Array) -> tuple[Array, Array]:
+    """(perplexity, usage) of a code histogram: exp(entropy) and fraction of non-empty bins."""
+    counts = jax.lax.stop_gradient(counts.astype(jnp.float32))
+    probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    entropy = -jnp.sum(jax.scipy.special.xlogy(probs, probs))
+    usage = jnp.mean((counts > 0).astype(jnp.float32))
+    return jnp.exp(entropy), usage
+
+
+def entropy_regularizer(distances: Array, temperature: float) -> Array:
+    """MaskGIT-style entropy loss from [N, K] distances.
+
+    With p = softmax(-distances / temperature) per position, returns
+    mean_n H(p_n) - H(mean_n p_n): low per-position entropy (confident assignments) and high
+    entropy of the average assignment (all codes used).
+    """
+    logits = -distances.astype(jnp.float32) / temperature
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    probs = jnp.exp(log_probs)
+    sample_entropy = jnp.mean(-jnp.sum(probs * log_probs, axis=-1))
+    avg_probs = jnp.mean(probs, axis=0)
+    avg_entropy = -jnp.sum(avg_probs * jnp.log(avg_probs + _LOG_EPS))
+    return sample_entropy - avg_entropy
+
+
+def sample_vectors(key: Array, candidates: Array, num: int) -> Array:
+    """Draw ``num`` rows of ``candidates`` [N, D] uniformly at random.
+
+    Without replacement when N >= num (distinct restarts), with replacement otherwise.
+    """
+    n = candidates.shape[0]
+    if n == 0:
+        raise ValueError("sample_vectors needs at least one candidate row; pass a non-empty batch.")
+    if n >= num:
+        rows = jax.random.choice(key, n, shape=(num,), replace=False)
+    else:
+        rows = jax.random.randint(key, (num,), 0, n)
+    return jnp.take(candidates, rows, axis=0)
+
+
+def replace_dead_codes(
+    codebook: Array, cluster_size: Array, candidates: Array, threshold: float
+) -> tuple[Array, Array]:
+    """Replace codes whose EMA cluster size is below ``threshold`` by ``candidates``.
+
+    Args:
+      codebook: [K, D] codes.
+      cluster_size: [K] EMA usage counts.
+      candidates: [K, D] replacement vectors; row k replaces code k if it is dead.
+      threshold: codes with cluster_size < threshold are dead.
+
+    Returns:
+      (new_codebook, dead_mask): live rows are returned unchanged (bit-identical).
+    """
+    if candidates.shape != codebook.shape:
+        raise ValueError(
+            f"replace_dead_codes: candidates.shape={tuple(candidates.shape)} must equal "
+            f"codebook.shape={tuple(codebook.shape)}; sample one candidate per code "
+            "(sample_vectors(key, batch, codebook.shape[0]))."
+        )
+    dead = cluster_size < threshold
+    new_codebook = jnp.where(dead[:, None], candidates.astype(codebook.dtype), codebook)
+    return new_codebook, dead
+
+
+def _zero() -> Array:
+    return jnp.zeros((), jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# VQ-VAE quantizer with a learned codebook.
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour vector quantizer with a gradient-trained codebook (van den Oord 2017).
+
+    loss = codebook_loss + beta * commitment_loss + entropy_weight * entropy_loss, with
+    codebook_loss = mean((sg[z] - e)^2) and commitment_loss = mean((z - sg[e])^2).
+
+    Options: ``l2_normalize`` (cosine codes: z and codes are unit-normalised and the normalised
+    vectors are the output), ``lookup_dim`` (ViT-VQGAN factorised codes: z is projected to
+    lookup_dim before lookup and back after; the codebook and losses live in lookup space),
+    ``entropy_weight`` (MaskGIT entropy regulariser). With ``train=True`` and a mutable
+    ``"vq_stats"`` collection an EMA of per-code usage is kept in ``vq_stats/cluster_size``.
+    """
+
+    codebook_size: int
+    embed_dim: int
+    beta: float = 0.25
+    l2_normalize: bool = False
+    lookup_dim: int | None = None
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    codebook_init: str = "uniform"
+    usage_decay: float = 0.99
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        _check_codebook_size(type(self).__name__, self.codebook_size)
+        _check_positive_int(type(self).__name__, "embed_dim", self.embed_dim)
+        if self.lookup_dim is not None:
+            _check_positive_int(type(self).__name__, "lookup_dim", self.lookup_dim)
+        if self.codebook_init not in _CODEBOOK_INITS:
+            raise ValueError(
+                f"VectorQuantizer: unknown codebook_init {self.codebook_init!r}; use one of "
+                f"{', '.join(map(repr, _CODEBOOK_INITS))}."
+            )
+        if self.entropy_weight and self.entropy_temperature <= 0:
+            raise ValueError(
+                f"VectorQuantizer: entropy_temperature must be > 0, got "
+                f"{self.entropy_temperature}; use e.g. 0.01."
+            )
+        super().__post_init__()
+
+    @property
+    def code_dim(self) -> int:
+        """Dimension of the codebook vectors (lookup_dim if factorised, else embed_dim)."""
+        return self.lookup_dim if self.lookup_dim is not None else self.embed_dim
+
+    def setup(self) -> None:
+        self.codebook = self.param(
+            "codebook",
+            codebook_initializer(self.codebook_init, self.codebook_size),
+            (self.codebook_size, self.code_dim),
+            self.param_dtype,
+        )
+        if self.lookup_dim is not None:
+            self.proj_in = nn.Dense(self.lookup_dim, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.proj_out = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype)
+        # Usage statistics are optional: declared when present or when they can be created, so
+        # apply({"params": ...}) without a "vq_stats" collection still works.
+        if self.has_variable(VQ_STATS, "cluster_size") or self.is_mutable_collection(VQ_STATS):
+            self.cluster_size = self.variable(
+                VQ_STATS, "cluster_size", jnp.zeros, (self.codebook_size,), jnp.float32
+            )
+        else:
+            self.cluster_size = None
+
+    def _codes(self) -> Array:
+        codes = jnp.asarray(self.codebook, jnp.float32)
+        return l2_normalize(codes) if self.l2_normalize else codes
+
+    def _to_lookup(self, flat: Array) -> Array:
+        x = self.proj_in(flat) if self.lookup_dim is not None else flat
+        x = x.astype(jnp.float32)
+        return l2_normalize(x) if self.l2_normalize else x
+
+    def _from_lookup(self, x: Array) -> Array:
+        if self.lookup_dim is not None:
+            x = self.proj_out(x)
+        return x.astype(self.dtype)
+
+    def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
+        """Quantize z [..., embed_dim] -> (z_q [..., embed_dim], QuantizerResult)."""
+        _check_last_dim(type(self).__name__, z, self.embed_dim)
+        batch_shape = z.shape[:-1]
+        x = self._to_lookup(z.reshape(-1, self.embed_dim))
+        codes = self._codes()
+        distances = squared_distances(x, codes)
+        indices = jnp.argmin(distances, axis=-1).astype(jnp.int32)
+        e = jnp.take(codes, indices, axis=0)
+
+        codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(x) - e))
+        commitment_loss = jnp.mean(jnp.square(x - jax.lax.stop_gradient(e)))
+        if self.entropy_weight:
+            entropy_loss = entropy_regularizer(distances, self.entropy_temperature)
+        else:
+            entropy_loss = _zero()
+        loss = (
+            codebook_loss + self.beta * commitment_loss + self.entropy_weight * entropy_loss
+        ).astype(jnp.float32)
+
+        x_q = x + jax.lax.stop_gradient(e - x)  # straight-through estimator
+        z_q = self._from_lookup(x_q).reshape(*batch_shape, self.embed_dim)
+
+        counts = code_histogram(indices, self.codebook_size)
+        if (
+            train
+            and self.cluster_size is not None
+            and self.is_mutable_collection(VQ_STATS)
+            and not self.is_initializing()
+        ):
+            d = self.usage_decay
+            self.cluster_size.value = d * self.cluster_size.value + (1.0 - d) * counts
+        perplexity, usage = histogram_stats(counts)
+        return z_q, QuantizerResult(
+            indices=indices.reshape(batch_shape),
+            loss=loss,
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+            entropy_loss=entropy_loss.astype(jnp.float32),
+            perplexity=perplexity,
+            usage=usage,
+        )
+
+    def lookup(self, indices: Array) -> Array:
+        """Code vectors in embed_dim space for integer ``indices`` [...] -> [..., embed_dim]."""
+        _check_indices(type(self).__name__, indices)
+        e = jnp.take(self._codes(), indices.reshape(-1), axis=0)
+        return self._from_lookup(e).reshape(*indices.shape, self.embed_dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# EMA codebook (sonnet VectorQuantizerEMA) with optional dead-code restarts.
+
+
+class EMAVectorQuantizer(nn.Module):
+    """Vector quantizer whose codebook is an EMA of assigned encoder outputs (no codebook grads).
+
+    ``"vq_stats"`` holds ``codebook`` [K, D], ``cluster_size`` [K] and ``embed_sum`` [K, D].
+    With ``train=True`` and ``mutable=["vq_stats"]``:
+      cluster_size <- decay * cluster_size + (1 - decay) * counts
+      embed_sum    <- decay * embed_sum + (1 - decay) * onehot^T z
+      codebook     <- embed_sum / laplace(cluster_size)
+    The forward output uses the pre-update codebook. loss = beta * commitment_loss.
+
+    Initial state: ``embed_sum = codebook`` and ``cluster_size = 1`` (sonnet starts from 0), so
+    that codebook == embed_sum / cluster_size from the start; with zeros a code unused at the
+    first step would be divided by ~epsilon and thrown far away from the data.
+
+    Counts and sums are global: automatic under ``jax.jit`` with a sharded batch; under
+    ``shard_map``/``pmap`` set ``axis_name`` and they are psum-ed so every device holds the same
+    codebook (the returned losses stay per-shard means; average them like other losses).
+
+    Dead-code restart (``dead_code_threshold > 0``, needs ``rngs={"dead_codes": key}``): codes
+    whose updated cluster_size < threshold are set to encoder outputs sampled uniformly from the
+    (global) batch, with cluster_size = threshold and embed_sum = threshold * new code, i.e. the
+    state of a code that received ``threshold`` assignments per step at that vector; it survives
+    if it keeps receiving at least ``threshold`` assignments per step on average, and is
+    resampled otherwise. The number of restarts is sown into ``intermediates/num_restarted``.
+    """
+
+    codebook_size: int
+    embed_dim: int
+    beta: float = 0.25
+    decay: float = 0.99
+    epsilon: float = 1e-5
+    dead_code_threshold: float = 0.0
+    axis_name: str | None = None
+    codebook_init: str = "variance_scaling"
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        _check_codebook_size(type(self).__name__, self.codebook_size)
+        _check_positive_int(type(self).__name__, "embed_dim", self.embed_dim)
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"EMAVectorQuantizer: decay must be in [0, 1), got {self.decay}.")
+        if self.dead_code_threshold < 0:
+            raise ValueError(
+                "EMAVectorQuantizer: dead_code_threshold must be >= 0 (0 disables restarts), "
+                f"got {self.dead_code_threshold}."
+            )
+        if self.codebook_init not in _CODEBOOK_INITS:
+            raise ValueError(
+                f"EMAVectorQuantizer: unknown codebook_init {self.codebook_init!r}; use one of "
+                f"{', '.join(map(repr, _CODEBOOK_INITS))}."
+            )
+        super().__post_init__()
+
+    def setup(self) -> None:
+        shape = (self.codebook_size, self.embed_dim)
+        init_fn = codebook_initializer(self.codebook_init, self.codebook_size)
+        self.codebook = self.variable(
+            VQ_STATS, "codebook", lambda: init_fn(self.make_rng("params"), shape, jnp.float32)
+        )
+        self.cluster_size = self.variable(
+            VQ_STATS, "cluster_size", lambda: jnp.ones((self.codebook_size,), jnp.float32)
+        )
+        self.embed_sum = self.variable(
+            VQ_STATS, "embed_sum", lambda: jnp.array(self.codebook.value)
+        )
+
+    def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
+        """Quantize z [..., embed_dim] -> (z_q [..., embed_dim], QuantizerResult)."""
+        _check_last_dim(type(self).__name__, z, self.embed_dim)
+        batch_shape = z.shape[:-1]
+        flat = z.reshape(-1, self.embed_dim).astype(jnp.float32)
+        codes = jax.lax.stop_gradient(self.codebook.value.astype(jnp.float32))
+        indices = jnp.argmin(squared_distances(flat, codes), axis=-1).astype(jnp.int32)
+        e = jnp.take(codes, indices, axis=0)
+        commitment_loss = jnp.mean(jnp.square(flat - e))
+        z_q = (flat + jax.lax.stop_gradient(e - flat)).astype(self.dtype)
+
+        counts = code_histogram(indices, self.codebook_size)
+        if self.axis_name is not None:
+            counts = jax.lax.psum(counts, self.axis_name)
+        if train and self.is_mutable_collection(VQ_STATS) and not self.is_initializing():
+            self._update(jax.lax.stop_gradient(flat), indices, counts)
+        perplexity, usage = histogram_stats(counts)
+        return z_q.reshape(*batch_shape, self.embed_dim), QuantizerResult(
+            indices=indices.reshape(batch_shape),
+            loss=self.beta * commitment_loss,
+            codebook_loss=_zero(),
+            commitment_loss=commitment_loss,
+            entropy_loss=_zero(),
+            perplexity=perplexity,
+            usage=usage,
+        )
+
+    def _update(self, flat: Array, indices: Array, counts: Array) -> None:
+        k = self.codebook_size
+        onehot = jax.nn.one_hot(indices, k, dtype=jnp.float32)
+        embed_batch = jnp.matmul(
+            onehot.T, flat, precision=_HIGHEST
+        )  # deterministic, unlike scatter
+        if self.axis_name is not None:
+            embed_batch = jax.lax.psum(embed_batch, self.axis_name)
+        d = self.decay
+        cluster_size = d * self.cluster_size.value + (1.0 - d) * counts
+        embed_sum = d * self.embed_sum.value + (1.0 - d) * embed_batch
+        n = jnp.sum(cluster_size)
+        smoothed = (cluster_size + self.epsilon) / (n + k * self.epsilon) * n
+        codebook = embed_sum / smoothed[:, None]
+
+        if self.dead_code_threshold > 0:
+            if not self.has_rng("dead_codes"):
+                raise ValueError(
+                    "EMAVectorQuantizer with dead_code_threshold > 0 needs an rng stream for "
+                    "restarts; pass rngs={'dead_codes': key} to apply()."
+                )
+            candidates = flat
+            if self.axis_name is not None:
+                candidates = jax.lax.all_gather(flat, self.axis_name, tiled=True)
+            sampled = sample_vectors(self.make_rng("dead_codes"), candidates, k)
+            codebook, dead = replace_dead_codes(
+                codebook, cluster_size, sampled, self.dead_code_threshold
+            )
+            cluster_size = jnp.where(dead, jnp.float32(self.dead_code_threshold), cluster_size)
+            embed_sum = jnp.where(dead[:, None], codebook * self.dead_code_threshold, embed_sum)
+            self.sow("intermediates", "num_restarted", jnp.sum(dead.astype(jnp.int32)))
+
+        self.cluster_size.value = cluster_size
+        self.embed_sum.value = embed_sum
+        self.codebook.value = codebook
+
+    def lookup(self, indices: Array) -> Array:
+        """Code vectors for integer ``indices`` [...] -> [..., embed_dim]."""
+        _check_indices(type(self).__name__, indices)
+        e = jnp.take(self.codebook.value.astype(jnp.float32), indices.reshape(-1), axis=0)
+        return e.astype(self.dtype).reshape(*indices.shape, self.embed_dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finite scalar quantization.
+
+
+def _validate_levels(levels: Any) -> tuple[int, ...]:
+    try:
+        levels = tuple(levels)
+    except TypeError:
+        levels = None
+    if (
+        not levels
+        or not all(isinstance(lv, int | np.integer) and not isinstance(lv, bool) for lv in levels)
+        or min(levels) < 2
+    ):
+        raise ValueError(
+            f"FSQ: levels must be a non-empty tuple of ints >= 2, got {levels!r}; "
+            "use e.g. levels=(8, 5, 5, 5)."
+        )
+    levels = tuple(int(lv) for lv in levels)
+    if math.prod(levels) >= 2**31:
+        raise ValueError(
+            f"FSQ: prod(levels)={math.prod(levels)} does not fit int32 indices; use fewer levels."
+        )
+    return levels
+
+
+def _fsq_consts(levels: Sequence[int]) -> tuple[Array, Array, Array]:
+    lv = np.asarray(levels, np.float64)
+    half_width = np.floor(lv / 2.0)
+    basis = np.concatenate([[1], np.cumprod(np.asarray(levels, np.int64))[:-1]])
+    return (
+        jnp.asarray(lv, jnp.float32),
+        jnp.asarray(half_width, jnp.float32),
+        jnp.asarray(basis, jnp.int32),
+    )
+
+
+def fsq_bound(z: Array, levels: Sequence[int]) -> Array:
+    """Squash z [..., len(levels)] so that rounding yields exactly levels[i] values per channel.
+
+    Odd L: values in (-(L-1)/2, (L-1)/2). Even L: shifted by a half so the rounded grid is
+    {-L/2, ..., L/2 - 1} and z = 0 still maps to 0 (for L >= 4; L = 2 is symmetric around z = 0).
+    """
+    lv, _, _ = _fsq_consts(levels)
+    half_l = (lv - 1.0) * (1.0 - _FSQ_BOUND_EPS) / 2.0
+    offset = jnp.where(jnp.mod(lv, 2.0) == 0.0, 0.5, 0.0)
+    # arctanh(offset / half_l) maps z = 0 to exactly 0; L = 2 has no interior 0 (offset > half_l),
+    # so it uses no shift and z = 0 sits on the decision boundary between its two values.
+    ratio = offset / half_l
+    shift = jnp.where(ratio < 1.0, jnp.arctanh(jnp.minimum(ratio, 0.5)), 0.0)
+    return jnp.tanh(z.astype(jnp.float32) + shift) * half_l - offset
+
+
+def fsq_codes_to_indices(codes: Array, levels: Sequence[int]) -> Array:
+    """Normalised FSQ codes [..., len(levels)] -> flat mixed-radix int32 indices [...]."""
+    _, half_width, basis = _fsq_consts(levels)
+    digits = jnp.round(codes.astype(jnp.float32) * half_width + half_width).astype(jnp.int32)
+    return jnp.sum(digits * basis, axis=-1).astype(jnp.int32)
+
+
+def fsq_indices_to_codes(indices: Array, levels: Sequence[int]) -> Array:
+    """Flat int indices [...] -> normalised float32 FSQ codes [..., len(levels)] in [-1, 1]."""
+    lv, half_width, basis = _fsq_consts(levels)
+    digits = (indices[..., None].astype(jnp.int32) // basis) % lv.astype(jnp.int32)
+    return (digits.astype(jnp.float32) - half_width) / half_width
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023): per-channel bounded rounding.
+
+    embed_dim = len(levels), codebook_size = prod(levels). Each channel is squashed with a tanh
+    bound, rounded with a straight-through estimator and scaled to [-1, 1]. No parameters and
+    no auxiliary losses (all loss terms are 0).
+    """
+
+    levels: tuple[int, ...]
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", _validate_levels(self.levels))
+        super().__post_init__()
+
+    @property
+    def embed_dim(self) -> int:
+        return len(self.levels)
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
+    def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
+        """Quantize z [..., len(levels)] -> (z_q on the level grid, QuantizerResult)."""
+        del train  # FSQ has no state
+        _check_last_dim("FSQ", z, self.embed_dim)
+        _, half_width, _ = _fsq_consts(self.levels)
+        bounded = fsq_bound(z, self.levels)
+        rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
+        codes = rounded / half_width
+        indices = fsq_codes_to_indices(jax.lax.stop_gradient(codes), self.levels)
+        perplexity, usage = histogram_stats(code_histogram(indices, self.codebook_size))
+        return codes.astype(self.dtype), QuantizerResult(
+            indices=indices,
+            loss=_zero(),
+            codebook_loss=_zero(),
+            commitment_loss=_zero(),
+            entropy_loss=_zero(),
+            perplexity=perplexity,
+            usage=usage,
+        )
+
+    def codes_to_indices(self, codes: Array) -> Array:
+        """Normalised codes [..., embed_dim] -> flat int32 indices [...]."""
+        return fsq_codes_to_indices(codes, self.levels)
+
+    def indices_to_codes(self, indices: Array) -> Array:
+        """Flat indices [...] -> codes [..., embed_dim] in the module dtype."""
+        return fsq_indices_to_codes(indices, self.levels).astype(self.dtype)
+
+    def lookup(self, indices: Array) -> Array:
+        """Same as :meth:`indices_to_codes` (contract name)."""
+        _check_indices("FSQ", indices)
+        return self.indices_to_codes(indices)
