@@ -1,0 +1,1 @@
+"""Flax (Linen) networks: autoencoder, quantizers, discriminator, VQModel."""

@@ -1,0 +1,101 @@
+"""VQ autoencoder: Encoder -> 1x1 quant_conv -> quantizer -> 1x1 post_quant_conv -> Decoder.
+
+The quantizer is any module following the quantizer contract (VectorQuantizer,
+EMAVectorQuantizer, FSQ): it is passed in as a field, so the model is agnostic to the quantizer
+kind, and its ``embed_dim`` sets the width of the 1x1 projections around it. The projected latent
+is cast to float32 before quantization so nearest-code distances are exact under bf16 compute.
+
+Parameter tree: encoder, quant_conv, quantizer, post_quant_conv, decoder. The decoder's last
+layer lives at ``params['decoder']['conv_out']['kernel']`` (used by the VQGAN adaptive weight).
+
+Every entry point works through ``model.apply(variables, ..., method=...)``: ``__call__``,
+``encode``, ``decode`` and ``decode_indices``.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from vq_jax.nets.autoencoder import Decoder, Dtype, Encoder
+from vq_jax.nets.quantizers import QuantizerResult
+
+
+class VQModel(nn.Module):
+    """Image [B, H, W, in_channels] in [-1, 1] <-> code indices [B, H/f, W/f]."""
+
+    quantizer: nn.Module
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    z_channels: int = 256
+    in_channels: int = 3
+    dropout: float = 0.0
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        embed_dim = self.quantizer.embed_dim
+        self.encoder = Encoder(
+            ch=self.ch,
+            ch_mult=self.ch_mult,
+            num_res_blocks=self.num_res_blocks,
+            attn_resolutions=self.attn_resolutions,
+            z_channels=self.z_channels,
+            dropout=self.dropout,
+            num_groups=self.num_groups,
+            dtype=self.dtype,
+        )
+        self.quant_conv = nn.Conv(embed_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32)
+        self.post_quant_conv = nn.Conv(
+            self.z_channels, (1, 1), dtype=self.dtype, param_dtype=jnp.float32
+        )
+        self.decoder = Decoder(
+            ch=self.ch,
+            out_channels=self.in_channels,
+            ch_mult=self.ch_mult,
+            num_res_blocks=self.num_res_blocks,
+            attn_resolutions=self.attn_resolutions,
+            dropout=self.dropout,
+            num_groups=self.num_groups,
+            dtype=self.dtype,
+        )
+
+    def _check_images(self, x: jax.Array) -> None:
+        if x.ndim != 4:
+            raise ValueError(
+                f"VQModel expects NHWC images [B, H, W, C], got shape {x.shape}; add a batch "
+                "axis (x[None]) or a channel axis (x[..., None]) as needed."
+            )
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"images have {x.shape[-1]} channels but the model has in_channels="
+                f"{self.in_channels}; convert the images (e.g. grayscale <-> RGB) or build the "
+                f"model with in_channels={x.shape[-1]}."
+            )
+
+    def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerResult]:
+        """Images -> (quantized latent z_q [B, h, w, embed_dim], QuantizerResult)."""
+        self._check_images(x)
+        z = self.quant_conv(self.encoder(x, train).astype(self.dtype))
+        return self.quantizer(z.astype(jnp.float32), train=train)
+
+    def decode(self, z_q: jax.Array, train: bool = False) -> jax.Array:
+        """Quantized latent [B, h, w, embed_dim] -> images [B, h*f, w*f, in_channels] (float32)."""
+        return self.decoder(self.post_quant_conv(z_q.astype(self.dtype)), train)
+
+    def decode_indices(self, indices: jax.Array) -> jax.Array:
+        """Code indices [B, h, w] -> images (quantizer lookup, then decode in eval mode)."""
+        if indices.ndim != 3:
+            raise ValueError(
+                f"decode_indices expects indices of shape [B, h, w], got {indices.shape}; "
+                "reshape flat token sequences to the latent grid first."
+            )
+        return self.decode(self.quantizer.lookup(indices), train=False)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerResult]:
+        """Images -> (reconstruction float32, QuantizerResult)."""
+        z_q, result = self.encode(x, train)
+        return self.decode(z_q, train), result
