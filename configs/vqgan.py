@@ -1,0 +1,52 @@
+"""VQGAN tokenizer recipes (Esser et al. 2021): the VQ-VAE recipe plus a PatchGAN discriminator.
+
+Usage: `python train.py --config=configs/vqgan.py[:VARIANT] --workdir=W`, VARIANT as in
+configs/vqvae.py (default | fashion_mnist | tiny). The default is taming-transformers' f16
+ImageNet-256 design with LPIPS; `fashion_mnist` replaces LPIPS by discriminator feature
+matching, which needs no pretrained weights.
+"""
+
+import ml_collections as mlc
+
+from configs import vqvae
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    """Returns the VQGAN config for the named variant."""
+    variant = arg or "default"
+    c = vqvae.get_config(arg)
+    c.unlock()
+
+    c.discriminator = mlc.ConfigDict(dict(ndf=64, n_layers=3, norm="group", num_groups=32))
+    c.loss.update(
+        dict(
+            perceptual_weight=1.0,  # LPIPS (VGG16); needs loss.lpips_weights
+            lpips_weights="",  # a .npz made by scripts/convert_lpips.py
+            adversarial="hinge",  # hinge | non_saturating | vanilla
+            disc_weight=0.8,  # multiplies the adaptive weight
+            adaptive_weight=True,
+            feature_matching_weight=0.0,
+            r1_weight=0.0,
+            lecam_weight=0.0,
+            lecam_decay=0.999,
+        )
+    )
+    # Step at which the generator's adversarial term switches on; the discriminator may start
+    # training earlier (taming#44). disc_train_start=-1 means "the same as disc_start". (Not an
+    # ml_collections FieldReference: overriding one linked field would silently move the other.)
+    c.loss.disc_start = 250_001
+    c.loss.disc_train_start = -1
+    c.optimizer.discriminator = c.optimizer.generator.copy_and_resolve_references()
+
+    if variant == "fashion_mnist":
+        c.discriminator.update(ndf=32, n_layers=2, num_groups=8)
+        c.loss.update(perceptual_weight=0.0, feature_matching_weight=1.0, disc_weight=0.5)
+        c.loss.disc_start = 2000
+    elif variant == "tiny":
+        c.discriminator.update(ndf=8, n_layers=2, num_groups=4)
+        c.loss.update(
+            perceptual_weight=0.0, feature_matching_weight=1.0, r1_weight=0.1, lecam_weight=0.1
+        )
+        c.loss.disc_start = 1
+    c.lock()
+    return c

@@ -1,0 +1,170 @@
+"""VQ-VAE tokenizer recipes.
+
+Usage: `python train.py --config=configs/vqvae.py[:VARIANT] --workdir=W`, VARIANT in
+  (none)         accelerator recipe: taming's f16 design on ImageNet 256x256 (tfds:imagenet2012).
+  fashion_mnist  the CPU-sized embedded default: 32x32 padded Fashion-MNIST, f4 -> 8x8 tokens.
+  tiny           a few-second configuration for tests.
+Any field can be overridden on the command line, e.g. `--config.optimizer.generator.lr=1e-4`;
+unknown keys are rejected.
+"""
+
+import ml_collections as mlc
+
+VARIANTS = ("default", "fashion_mnist", "tiny")
+
+
+def _optimizer(lr: float, *, b1: float = 0.5, b2: float = 0.9) -> mlc.ConfigDict:
+    return mlc.ConfigDict(
+        dict(
+            lr=lr,
+            b1=b1,
+            b2=b2,
+            eps=1e-8,  # Adam's epsilon
+            weight_decay=0.0,
+            warmup_steps=0,
+            schedule="constant",  # constant | cosine (after warm-up)
+            clip_norm=0.0,  # global-norm clipping; 0 disables
+        )
+    )
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    """Returns the VQ-VAE config for the named variant."""
+    variant = arg or "default"
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"Unknown variant {variant!r} for configs/vqvae.py; use one of {VARIANTS}."
+        )
+    c = mlc.ConfigDict()
+    c.seed = 0
+
+    c.input = mlc.ConfigDict(
+        dict(
+            dataset="tfds:imagenet2012",
+            data_dir=mlc.FieldReference(None, field_type=str),
+            train_split="train",
+            eval_split="validation",
+            resolution=256,
+            channels=3,
+            resize="resize_crop",  # pad | resize_crop | none
+            convert_channels=False,
+            random_flip=True,
+            batch_size=64,  # global, across all processes and devices
+            eval_batch_size=64,
+            prefetch=2,
+            on_corrupt="skip",  # folder datasets: skip | error
+            synthetic_size=256,
+        )
+    )
+
+    c.model = mlc.ConfigDict(
+        dict(
+            ch=128,
+            ch_mult=(1, 1, 2, 2, 4),
+            num_res_blocks=2,
+            attn_resolutions=(16,),
+            z_channels=256,
+            dropout=0.0,
+            num_groups=32,
+            dtype="bfloat16",  # compute dtype; parameters stay float32
+        )
+    )
+
+    c.quantizer = mlc.ConfigDict(
+        dict(
+            kind="vq",  # vq | ema | fsq
+            codebook_size=16384,
+            embed_dim=256,
+            beta=0.25,  # weight of the commitment term
+            l2_normalize=False,
+            lookup_dim=0,  # > 0: factorised low-dimensional lookup (ViT-VQGAN)
+            entropy_weight=0.0,
+            entropy_temperature=0.01,
+            init="uniform",
+            decay=0.99,  # ema
+            epsilon=1e-5,  # ema
+            dead_code_threshold=0.0,  # ema: restart codes whose EMA usage falls below this
+            levels=(8, 5, 5, 5),  # fsq
+        )
+    )
+
+    c.loss = mlc.ConfigDict(dict(l1_weight=1.0, l2_weight=0.0))
+
+    c.optimizer = mlc.ConfigDict(dict(generator=_optimizer(4.5e-6 * 64)))
+
+    c.train = mlc.ConfigDict(
+        dict(
+            steps=500_000,
+            log_every=100,
+            eval_every=10_000,
+            checkpoint_every=5_000,
+            keep_checkpoints=3,
+            eval_batches=0,  # 0: the whole held-out split
+            ema_decay=0.0,  # > 0 keeps a polyak copy of generator params for eval / sampling
+            num_sample_images=16,
+        )
+    )
+
+    if variant == "fashion_mnist":
+        c.input.update(
+            dataset="fashion_mnist",
+            train_split="train",
+            eval_split="test",
+            resolution=32,
+            channels=1,
+            resize="pad",
+            random_flip=False,
+            batch_size=64,
+            eval_batch_size=500,
+        )
+        c.model.update(
+            ch=32,
+            ch_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            z_channels=32,
+            num_groups=8,
+            dtype="float32",
+        )
+        c.quantizer.update(
+            kind="ema", codebook_size=512, embed_dim=32, dead_code_threshold=1.0, decay=0.99
+        )
+        c.optimizer.generator = _optimizer(1e-3, b1=0.9, b2=0.99)
+        c.optimizer.generator.update(warmup_steps=200, schedule="cosine")
+        c.train.update(
+            steps=6000, log_every=100, eval_every=2000, checkpoint_every=1000, ema_decay=0.0
+        )
+    elif variant == "tiny":
+        c.input.update(
+            dataset="synthetic",
+            train_split="train",
+            eval_split="test",
+            resolution=16,
+            channels=1,
+            resize="none",
+            random_flip=False,
+            batch_size=8,
+            eval_batch_size=8,
+            synthetic_size=64,
+        )
+        c.model.update(
+            ch=8,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(8,),
+            z_channels=8,
+            num_groups=4,
+            dtype="float32",
+        )
+        c.quantizer.update(kind="ema", codebook_size=32, embed_dim=8, dead_code_threshold=0.5)
+        c.optimizer.generator = _optimizer(1e-3, b1=0.9, b2=0.99)
+        c.train.update(
+            steps=4,
+            log_every=2,
+            eval_every=4,
+            checkpoint_every=2,
+            eval_batches=2,
+            num_sample_images=4,
+        )
+    c.lock()
+    return c

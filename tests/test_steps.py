@@ -1,0 +1,176 @@
+"""The tokenizer train step: sharding invariance, the adaptive weight, G/D isolation."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import vqgan, vqvae
+from vq_jax import trainer
+from vq_jax import state as state_lib
+from vq_jax import steps as steps_lib
+
+BATCH = 8
+
+
+def _setup(config):
+    comps = state_lib.build(config)
+    key = jax.random.key(config.seed)
+    init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
+    return comps, key, init_fn
+
+
+def _batch(config, seed=0):
+    r, c = config.input.resolution, config.input.channels
+    x = jax.random.uniform(jax.random.key(seed), (BATCH, r, r, c), minval=-1.0, maxval=1.0)
+    return {"image": x, "label": jnp.zeros((BATCH,), jnp.int32)}
+
+
+def _run(config, devices, num_steps=3):
+    """num_steps steps on a mesh over `devices`; returns (final state, list of measurements)."""
+    comps, key, init_fn = _setup(config)
+    mesh = jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+    repl = jax.NamedSharding(mesh, jax.P())
+    abstract = jax.eval_shape(init_fn, key)
+    state = jax.jit(init_fn, out_shardings=repl)(key)
+    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
+    out = []
+    for i in range(num_steps):
+        batch = jax.device_put(_batch(config, i), jax.NamedSharding(mesh, jax.P("data")))
+        state, m = step(state, batch, key)
+        out.append(jax.device_get(m))
+    return jax.device_get(state), out
+
+
+@pytest.mark.parametrize("cfg", [vqvae, vqgan], ids=["vqvae", "vqgan"])
+def test_sharded_step_matches_single_device(cfg):
+    """3 steps on 4 fake devices == 3 steps on 1 device, same global batches (atol 1e-5).
+
+    Adam's eps is raised to 1e-3 here: with eps=1e-8, Adam's first step maps gradients that are
+    mathematically zero (e.g. attention key biases) to +-lr by the sign of rounding noise, which
+    differs with the reduction order; that would hide a real sharding bug behind noise.
+    """
+    config = cfg.get_config("tiny")
+    config.optimizer.generator.eps = 1e-3
+    if "discriminator" in config.optimizer:
+        config.optimizer.discriminator.eps = 1e-3
+    single, m1 = _run(config, jax.devices()[:1])
+    sharded, m4 = _run(config, jax.devices()[:4])
+    assert int(single["step"]) == int(sharded["step"]) == 3
+    chex.assert_trees_all_close(single, sharded, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(m1, m4, atol=1e-5, rtol=1e-5)
+
+
+def _disc_forward(comps, disc_params, x):
+    return comps.disc.apply({"params": disc_params}, x)
+
+
+def test_adaptive_weight_matches_two_separate_grads():
+    """lambda = ||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) * disc_weight, W = decoder conv_out kernel."""
+    config = vqgan.get_config("tiny")
+    config.loss.feature_matching_weight = 0.0
+    config.loss.disc_weight = 0.7
+    config.loss.disc_start = 0
+    comps, key, init_fn = _setup(config)
+    state = init_fn(key)
+    batch = _batch(config)
+    s = trainer.loss_settings(config)
+    step = jax.jit(steps_lib.make_tokenizer_step(comps, s))
+    _, m = step(state, batch, key)
+
+    params, x = state["params"], batch["image"]
+
+    def recon_with_kernel(w):
+        p = jax.tree.map(lambda a: a, params)
+        p["decoder"]["conv_out"]["kernel"] = w
+        (recon, _), _ = comps.model.apply(
+            {"params": p, **state["model_state"]},
+            x,
+            train=True,
+            mutable=["vq_stats"],
+            rngs={"dropout": key, "dead_codes": key},
+        )
+        return recon
+
+    w0 = params["decoder"]["conv_out"]["kernel"]
+    g_rec = jax.grad(lambda w: jnp.mean(jnp.abs(x - recon_with_kernel(w))))(w0)
+    g_adv = jax.grad(
+        lambda w: -jnp.mean(_disc_forward(comps, state["disc_params"], recon_with_kernel(w)))
+    )(w0)
+    expected = np.linalg.norm(np.asarray(g_rec)) / (np.linalg.norm(np.asarray(g_adv)) + 1e-4)
+    expected = np.clip(expected, 0.0, 1e4) * 0.7
+    np.testing.assert_allclose(float(m["adaptive_weight"]), expected, rtol=1e-4)
+    assert float(m["adaptive_weight"]) > 0
+
+
+def test_adaptive_weight_zero_before_disc_start():
+    config = vqgan.get_config("tiny")
+    config.loss.disc_start = 5
+    config.loss.disc_train_start = 0
+    comps, key, init_fn = _setup(config)
+    step = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))
+    _, m = step(init_fn(key), _batch(config), key)
+    assert float(m["adaptive_weight"]) == 0.0 and float(m["g_adv"]) == 0.0
+    assert float(m["disc_active"]) == 1.0 and float(m["d_loss"]) > 0
+
+
+def _tree_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def _updates_and_state():
+    config = vqgan.get_config("tiny")
+    config.loss.disc_start = 0
+    config.loss.disc_train_start = 0
+    comps, key, init_fn = _setup(config)
+    updates = steps_lib.make_tokenizer_updates(comps, trainer.loss_settings(config))
+    state = jax.device_get(init_fn(key))
+    return updates, state, _batch(config)["image"], key
+
+
+G_KEYS = ("params", "opt_state", "model_state")
+D_KEYS = ("disc_params", "disc_opt_state", "loss_state")
+
+
+def test_generator_update_leaves_discriminator_untouched():
+    updates, state, x, key = _updates_and_state()
+    new, _, _ = jax.jit(updates.generator)(state, x, {"dropout": key, "dead_codes": key})
+    for k in D_KEYS:
+        assert _tree_equal(state[k], new[k]), k
+    assert not _tree_equal(state["params"], new["params"])
+    assert not _tree_equal(state["opt_state"], new["opt_state"])
+
+
+def test_discriminator_update_leaves_generator_untouched():
+    updates, state, x, _ = _updates_and_state()
+    fake = x[::-1] * 0.5
+    new, aux = jax.jit(updates.discriminator)(state, x, fake)
+    for k in G_KEYS:
+        assert _tree_equal(state[k], new[k]), k
+    assert not _tree_equal(state["disc_params"], new["disc_params"])
+    assert not _tree_equal(state["disc_opt_state"], new["disc_opt_state"])
+    assert float(aux["disc_active"]) == 1.0
+
+
+def test_discriminator_loss_measurement_matches_hinge_formula():
+    config = vqgan.get_config("tiny")
+    config.loss.update(r1_weight=0.0, lecam_weight=0.0, disc_start=0)
+    config.loss.disc_train_start = 0
+    comps, key, init_fn = _setup(config)
+    state = init_fn(key)
+    batch = _batch(config)
+    step = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))
+    _, m = step(state, batch, key)
+    recon, _ = comps.model.apply(
+        {"params": state["params"], **state["model_state"]}, batch["image"]
+    )
+    real = np.asarray(_disc_forward(comps, state["disc_params"], batch["image"]))
+    fake = np.asarray(_disc_forward(comps, state["disc_params"], recon))
+    expected = 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake)))
+    np.testing.assert_allclose(float(m["d_loss"]), expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,160 @@
+"""End to end: train.py on the tiny config, sample.py on its workdir, resume and checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import vq_jax
+from configs import vqvae
+from vq_jax import checkpoints, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=300, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """One real `train.py` run of the tiny VQ-VAE config (4 steps)."""
+    workdir = str(tmp_path_factory.mktemp("vqvae_tiny"))
+    proc = _run(["train.py", "--config=configs/vqvae.py:tiny", f"--workdir={workdir}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 4/4" in proc.stdout  # the progress line
+    return workdir
+
+
+def test_train_writes_checkpoints_metrics_and_eval(trained_workdir):
+    ckpt_dir = os.path.join(trained_workdir, "checkpoints")
+    assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [2, 4]
+    lines = [json.loads(line) for line in open(os.path.join(trained_workdir, "metrics.jsonl"))]
+    train_lines = [r for r in lines if "train/loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4]
+    for key in ("train/l2_grads", "train/perplexity", "train/usage", "train/lr"):
+        assert np.isfinite(train_lines[-1][key])
+    ev = json.load(open(os.path.join(trained_workdir, "eval", "step_4.json")))
+    for key in ("psnr", "ssim", "l1", "mse", "codebook_usage", "codebook_perplexity"):
+        assert np.isfinite(ev[key]), key
+    assert 0 < ev["codebook_usage"] <= 1
+    assert os.path.exists(os.path.join(trained_workdir, "eval", "step_4.png"))
+    assert os.path.exists(os.path.join(trained_workdir, "config.json"))
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(trained_workdir, "tb")))
+
+
+def test_sample_reconstruct_encode_decode(trained_workdir, tmp_path):
+    out = str(tmp_path / "recon.npz")
+    proc = _run(
+        [
+            "sample.py",
+            f"--workdir={trained_workdir}",
+            "--mode=reconstruct",
+            "--split=test",
+            "--num=6",
+            f"--out={out}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out) as f:
+        assert f["originals"].shape == f["reconstructions"].shape == (6, 16, 16, 1)
+        assert f["originals"].dtype == f["reconstructions"].dtype == np.uint8
+        assert f["indices"].shape == (6, 8, 8) and f["indices"].dtype == np.int32
+        assert f["labels"].shape == (6,)
+        indices = f["indices"]
+    assert os.path.exists(str(tmp_path / "recon.png"))
+
+    tokens = str(tmp_path / "tokens.npz")
+    proc = _run(
+        [
+            "sample.py",
+            f"--workdir={trained_workdir}",
+            "--mode=encode",
+            "--split=test",
+            f"--out={tokens}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tokens) as f:
+        assert f["indices"].shape[0] == 64  # the whole synthetic test split
+        np.testing.assert_array_equal(f["indices"][:6], indices)
+
+    decoded = str(tmp_path / "decoded.npz")
+    proc = _run(
+        [
+            "sample.py",
+            f"--workdir={trained_workdir}",
+            "--mode=decode",
+            f"--tokens={out}",
+            f"--out={decoded}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(decoded) as f, np.load(out) as g:
+        np.testing.assert_array_equal(f["images"], g["reconstructions"])
+
+
+def test_python_api_round_trip(trained_workdir):
+    tok = vq_jax.load(trained_workdir)
+    images = (np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 1))).astype(np.uint8)
+    tokens = tok.encode(images)
+    chex.assert_shape(tokens, (3, 8, 8))
+    out = tok.decode(tokens)
+    chex.assert_shape(out, (3, 16, 16, 1))
+    assert out.dtype == np.uint8
+    with pytest.raises(ValueError, match="tokens have shape"):
+        tok.decode(tokens[:, :4])
+    with pytest.raises(ValueError, match="this tokenizer takes"):
+        tok.encode(np.zeros((2, 8, 8, 1), np.uint8))
+
+
+def _final_params(workdir):
+    config, _, params, _, step = vq_jax.api.restore_params(workdir, use_ema=False)
+    del config
+    return step, jax.device_get(params)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Train 4 steps straight vs 2 steps, stop, resume to 4: identical parameters."""
+    config = vqvae.get_config("tiny")
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    trainer.train(config, straight)
+    config_2 = vqvae.get_config("tiny")
+    config_2.train.steps = 2
+    trainer.train(config_2, resumed)
+    trainer.train(config, resumed)
+    s_step, s_params = _final_params(straight)
+    r_step, r_params = _final_params(resumed)
+    assert s_step == r_step == 4
+    chex.assert_trees_all_equal(s_params, r_params)
+
+
+def test_checkpoint_round_trip_is_identical(tmp_path):
+    config = vqvae.get_config("tiny")
+    comps = trainer.state_lib.build(config)
+    key = jax.random.key(0)
+    state = trainer.state_lib.init_state(comps, key, ema=True)
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(7, state, {"epoch": 1, "offset": 3}, {"seed": 0})
+    ckpt.wait()
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    step, restored, data_state, cfg = ckpt.restore_latest(
+        checkpoints.abstract_like(state, sharding)
+    )
+    ckpt.close()
+    assert step == 7 and data_state == {"epoch": 1, "offset": 3} and cfg == {"seed": 0}
+    chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(restored))

@@ -1,0 +1,268 @@
+"""Pure training and evaluation steps: no I/O, no config tree, jittable and shardable.
+
+`make_tokenizer_step` returns `train_step(state, batch, key) -> (state, measurements)`. The
+generator (encoder, quantizer, decoder) and the discriminator each have their own optax
+optimizer; an update of one never touches the other's parameters or optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vq_jax import losses, metrics
+from vq_jax.state import Components, State, rng_stream
+
+Measurements = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The loss fields the step needs (built from config.loss by the trainer)."""
+
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 0.0
+    adversarial: str = "hinge"
+    disc_weight: float = 0.8
+    adaptive_weight: bool = True
+    disc_start: int = 0
+    disc_train_start: int = 0
+    feature_matching_weight: float = 0.0
+    r1_weight: float = 0.0
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+    ema_decay: float = 0.0
+
+
+def last_layer_grad(features: jax.Array, kernel: jax.Array, grad_out: jax.Array) -> jax.Array:
+    """d(loss)/d(kernel) of the decoder's final 3x3 'SAME' conv, from d(loss)/d(output).
+
+    The final layer is out = conv(features, kernel) + bias, so the gradient of any loss term with
+    respect to `kernel` depends only on that layer's input and the term's gradient with respect to
+    the output image. This gives taming's adaptive weight without a second backward pass through
+    the decoder.
+    """
+    conv = lambda k: jax.lax.conv_general_dilated(
+        features.astype(jnp.float32), k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    _, vjp = jax.vjp(conv, kernel.astype(jnp.float32))
+    return vjp(grad_out.astype(jnp.float32))[0]
+
+
+def reconstruction_loss(s: LossSettings, x: jax.Array, recon: jax.Array) -> jax.Array:
+    loss = jnp.zeros((), jnp.float32)
+    if s.l1_weight:
+        loss += s.l1_weight * losses.l1_loss(x, recon)
+    if s.l2_weight:
+        loss += s.l2_weight * losses.l2_loss(x, recon)
+    return loss
+
+
+class TokenizerUpdates(NamedTuple):
+    """The two halves of a tokenizer step; each writes only its own part of the state."""
+
+    generator: Callable[..., tuple[State, Measurements, jax.Array]]
+    discriminator: Callable[..., tuple[State, Measurements]] | None
+
+
+def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdates:
+    """`generator(state, x, rngs) -> (state, aux, recon)` and (VQGAN)
+    `discriminator(state, x, fake) -> (state, aux)`."""
+    model, disc = comps.model, comps.disc
+
+    def disc_apply(disc_params: Any, images: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        return disc.apply({"params": disc_params}, images, return_features=True)
+
+    def generator_loss(params: Any, state: State, x: jax.Array, rngs: dict[str, jax.Array]):
+        variables = {"params": params, **state["model_state"]}
+        (recon, qres), new_vars = model.apply(
+            variables, x, train=True, rngs=rngs, mutable=["vq_stats", "intermediates"]
+        )
+        rec = reconstruction_loss(s, x, recon)
+        loss = rec + qres.loss
+        aux: Measurements = {
+            "rec_loss": rec,
+            "l1": losses.l1_loss(x, recon),
+            "l2": losses.l2_loss(x, recon),
+            "quant_loss": qres.loss,
+            "codebook_loss": qres.codebook_loss,
+            "commitment_loss": qres.commitment_loss,
+            "entropy_loss": qres.entropy_loss,
+            "perplexity": qres.perplexity,
+            "usage": qres.usage,
+        }
+        if disc is not None:
+            features = new_vars["intermediates"]["decoder"]["conv_out_input"][0]
+            kernel = params["decoder"]["conv_out"]["kernel"]
+            adv, adv_aux = adversarial_terms(state, x, recon, rec, features, kernel)
+            loss += adv
+            aux.update(adv_aux)
+        model_state = {k: v for k, v in new_vars.items() if k != "intermediates"}
+        aux["loss"] = loss
+        return loss, (aux, model_state, recon)
+
+    def adversarial_terms(state, x, recon, rec, features, kernel):
+        """lambda * G_adv + feature matching, switched on at `disc_start` (lax.cond: no D work before)."""
+        disc_params = state["disc_params"]
+
+        def active(recon):
+            g_adv_fn = lambda r: losses.generator_loss(s.adversarial, disc_apply(disc_params, r)[0])
+            g_adv = g_adv_fn(recon)
+            if s.adaptive_weight:
+                # Gradients of the two terms w.r.t. the decoder's last-layer kernel, via d/d(recon).
+                rec_grad_img = jax.grad(lambda r: reconstruction_loss(s, x, r))(
+                    jax.lax.stop_gradient(recon)
+                )
+                adv_grad_img = jax.grad(g_adv_fn)(jax.lax.stop_gradient(recon))
+                lam = losses.adaptive_weight(
+                    last_layer_grad(features, kernel, rec_grad_img),
+                    last_layer_grad(features, kernel, adv_grad_img),
+                    disc_weight=s.disc_weight,
+                )
+            else:
+                lam = jnp.asarray(s.disc_weight, jnp.float32)
+            fm = jnp.zeros((), jnp.float32)
+            if s.feature_matching_weight:
+                _, feats_real = disc_apply(disc_params, x)
+                _, feats_fake = disc_apply(disc_params, recon)
+                fm = losses.feature_matching_loss(feats_real, feats_fake)
+            total = lam * g_adv + s.feature_matching_weight * fm
+            return total, {"g_adv": g_adv, "adaptive_weight": lam, "feature_matching": fm}
+
+        def inactive(recon):
+            z = jnp.zeros((), jnp.float32)
+            return z, {"g_adv": z, "adaptive_weight": z, "feature_matching": z}
+
+        return jax.lax.cond(state["step"] >= s.disc_start, active, inactive, recon)
+
+    def discriminator_update(
+        state: State, x: jax.Array, fake: jax.Array
+    ) -> tuple[State, Measurements]:
+        """One discriminator step on real vs stop_gradient(reconstruction); touches only D's
+        parameters, D's optimizer state and the loss statistics."""
+        fake = jax.lax.stop_gradient(fake)
+
+        def d_loss_fn(disc_params):
+            logits_real, _ = disc_apply(disc_params, x)
+            logits_fake, _ = disc_apply(disc_params, fake)
+            d_loss = losses.discriminator_loss(s.adversarial, logits_real, logits_fake)
+            aux = {"logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+            if s.r1_weight:
+                r1 = losses.r1_penalty(lambda im: disc_apply(disc_params, im)[0], x)
+                d_loss += s.r1_weight * r1
+                aux["r1"] = r1
+            if s.lecam_weight:
+                ls = state["loss_state"]
+                lecam = losses.lecam_loss(
+                    logits_real, logits_fake, ls["lecam_real"], ls["lecam_fake"]
+                )
+                d_loss += s.lecam_weight * lecam
+                aux["lecam"] = lecam
+            aux["d_loss"] = d_loss
+            return d_loss, (aux, logits_real.mean(), logits_fake.mean())
+
+        def active(_):
+            (_, (aux, lr_mean, lf_mean)), grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+                state["disc_params"]
+            )
+            updates, opt_state = comps.disc_tx.update(
+                grads, state["disc_opt_state"], state["disc_params"]
+            )
+            disc_params = optax.apply_updates(state["disc_params"], updates)
+            ls = state["loss_state"]
+            loss_state = dict(
+                zip(
+                    ("lecam_real", "lecam_fake"),
+                    losses.update_lecam_ema(
+                        ls["lecam_real"], ls["lecam_fake"], lr_mean, lf_mean, s.lecam_decay
+                    ),
+                    strict=True,
+                )
+            )
+            aux["l2_disc_grads"] = optax.tree.norm(grads)
+            return disc_params, opt_state, loss_state, aux
+
+        def inactive(_):
+            shapes = jax.eval_shape(active, None)[3]
+            aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            return state["disc_params"], state["disc_opt_state"], state["loss_state"], aux
+
+        d_active = state["step"] >= s.disc_train_start
+        disc_params, opt_state, loss_state, aux = jax.lax.cond(d_active, active, inactive, None)
+        aux["disc_active"] = d_active.astype(jnp.float32)
+        aux["disc_lr"] = comps.disc_schedule(state["step"] - s.disc_train_start)
+        new = dict(state, disc_params=disc_params, disc_opt_state=opt_state, loss_state=loss_state)
+        return new, aux
+
+    def generator_update(
+        state: State, x: jax.Array, rngs: dict[str, jax.Array]
+    ) -> tuple[State, Measurements, jax.Array]:
+        """One generator step (encoder, quantizer, decoder); D's state is read, never written."""
+        (_, (aux, model_state, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+            state["params"], state, x, rngs
+        )
+        updates, opt_state = comps.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, params=params, opt_state=opt_state, model_state=model_state)
+        aux["l2_grads"] = optax.tree.norm(grads)
+        aux["lr"] = comps.schedule(state["step"])
+        if "ema_params" in state:
+            new["ema_params"] = losses.ema_params(state["ema_params"], params, s.ema_decay)
+        return new, aux, recon
+
+    return TokenizerUpdates(generator_update, discriminator_update if disc is not None else None)
+
+
+def make_tokenizer_step(
+    comps: Components, s: LossSettings
+) -> Callable[[State, dict[str, jax.Array], jax.Array], tuple[State, Measurements]]:
+    """The tokenizer train step for VQ-VAE (no discriminator) or VQGAN."""
+    updates = make_tokenizer_updates(comps, s)
+
+    def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array):
+        key = jax.random.fold_in(key, state["step"])
+        rngs = {"dropout": rng_stream(key, "dropout"), "dead_codes": rng_stream(key, "dead_codes")}
+        x = batch["image"]
+        new_state, aux, recon = updates.generator(state, x, rngs)
+        if updates.discriminator is not None:
+            # D trains against the reconstruction made before this step's generator update.
+            new_state, disc_aux = updates.discriminator(new_state, x, recon)
+            aux.update(disc_aux)
+        new_state["step"] = state["step"] + 1
+        return new_state, aux
+
+    return train_step
+
+
+def make_eval_step(comps: Components) -> Callable[..., Measurements]:
+    """`eval_step(params, model_state, batch) -> sums` over the real (mask=1) examples.
+
+    Returns per-batch sums (not means) so the trainer can reduce exactly over a whole split;
+    `code_counts` is the histogram of codebook indices.
+    """
+    model = comps.model
+    codebook_size = model.quantizer.codebook_size
+
+    def eval_step(params: Any, model_state: Any, batch: dict[str, jax.Array]) -> Measurements:
+        x, mask = batch["image"], batch["mask"]
+        recon, qres = model.apply({"params": params, **model_state}, x, train=False)
+        recon = jnp.clip(recon, -1.0, 1.0)
+        per_image = {
+            "l1": jnp.abs(recon - x).mean(axis=(1, 2, 3)),
+            "mse": jnp.square(recon - x).mean(axis=(1, 2, 3)),
+            "psnr": metrics.psnr(x, recon),
+            "ssim": metrics.ssim(x, recon),
+        }
+        sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
+        sums["count"] = mask.sum()
+        mask_tokens = jnp.broadcast_to(mask[:, None, None], qres.indices.shape)
+        sums["code_counts"] = metrics.code_histogram(qres.indices, codebook_size, mask=mask_tokens)
+        return sums
+
+    return eval_step
