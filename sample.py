@@ -10,7 +10,7 @@ Each .npz gets a PNG grid next to it. EMA parameters are used when the run kept 
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 import vq_jax
 from vq_jax import api, metrics
@@ -41,6 +41,8 @@ def save(out: str, grid_images: np.ndarray, ncols: int, **arrays: np.ndarray) ->
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; -v 0 brings it back
     tok = vq_jax.load(_WORKDIR.value, _STEP.value)
     mode = _MODE.value
     if mode == "decode":

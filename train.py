@@ -7,7 +7,7 @@ Override any config field: --config.optimizer.generator.lr=1e-4. Restarting with
 workdir resumes from its newest checkpoint.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vq_jax import trainer
@@ -20,6 +20,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; -v 0 brings it back
     trainer.train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -102,6 +102,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             eval_batches=0,  # 0: the whole held-out split
             ema_decay=0.0,  # > 0 keeps a polyak copy of generator params for eval / sampling
             num_sample_images=16,
+            checkpoint_fallback=True,  # a damaged newest checkpoint -> resume from the previous
+            allow_config_change=False,  # resume a workdir whose model config differs
+            skip_nonfinite_steps=False,  # skip (and count) NaN/Inf steps instead of stopping
+            debug_nan_step=-1,  # tests only: poison the batch of this step with NaN
         )
     )
 
@@ -132,7 +136,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.optimizer.generator = _optimizer(1e-3, b1=0.9, b2=0.99)
         c.optimizer.generator.update(warmup_steps=200, schedule="cosine")
         c.train.update(
-            steps=6000, log_every=100, eval_every=2000, checkpoint_every=1000, ema_decay=0.0
+            steps=2000, log_every=100, eval_every=1000, checkpoint_every=500, ema_decay=0.0
         )
     elif variant == "tiny":
         c.input.update(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from configs import vqgan, vqvae
-from vq_jax import trainer
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
+from vq_jax import trainer
 
 BATCH = 8
 

@@ -76,14 +76,15 @@ class Checkpointer:
     ) -> tuple[int, Any, dict, dict] | None:
         """Restores the newest readable step: (step, state, data_state, config), or None if empty.
 
-        A step that fails to restore (truncated file, missing item) is reported and, with `fallback`,
-        the previous step is tried; without it a CheckpointError says which step is broken.
+        A step that fails to restore (truncated file, missing item) is reported and, with
+        `fallback`, the previous step is tried; without it a CheckpointError says which step is
+        broken.
         """
         steps = self.steps()
         for step in reversed(steps):
             try:
                 state, data_state, config = self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged files
+            except Exception as e:
                 msg = (
                     f"Checkpoint step {step} in {self.directory} cannot be restored "
                     f"({type(e).__name__}: {str(e)[:300]})."

@@ -231,8 +231,8 @@ class MetricWriter:
             self._tb.add_scalar(k, v, global_step=step)
         self._tb.flush()
 
-    def write_images(self, step: int, name: str, images: np.ndarray, ncols: int = 8) -> None:
-        """Log uint8 images [N, H, W, C] (C in 1, 3) under ``name`` at ``step``."""
+    def write_images(self, step: int, name: str, images: np.ndarray) -> None:
+        """Log uint8 images [N, H, W, C] (C in 1, 3) to TensorBoard under ``name``."""
         if not self.enabled:
             return
         images = np.asarray(images)
@@ -244,11 +244,6 @@ class MetricWriter:
         step = int(step)
         self._tb.add_images(name, images, global_step=step, dataformats="NHWC")
         self._tb.flush()
-        safe = name.replace("/", "_")
-        save_png(
-            os.path.join(self.workdir, "images", f"{safe}_{step:08d}.png"),
-            image_grid(images, ncols),
-        )
 
     def close(self) -> None:
         """Flush and close files (idempotent)."""

@@ -173,15 +173,15 @@ def validate_config(config: mlc.ConfigDict) -> None:
     if res % factor:
         raise ValueError(
             f"config.input.resolution={res} is not divisible by the downsampling factor {factor} "
-            f"(2**(len(config.model.ch_mult)-1) with ch_mult={tuple(config.model.ch_mult)}); pick a "
-            f"resolution that is a multiple of {factor} or change config.model.ch_mult."
+            f"(2**(len(config.model.ch_mult)-1) with ch_mult={tuple(config.model.ch_mult)}); "
+            f"pick a resolution that is a multiple of {factor} or change config.model.ch_mult."
         )
     for name in ("batch_size", "eval_batch_size"):
         bs = config.input[name]
         if bs % jax.device_count():
             raise ValueError(
-                f"config.input.{name}={bs} is not divisible by the {jax.device_count()} devices; use a "
-                f"multiple of {jax.device_count()}."
+                f"config.input.{name}={bs} is not divisible by the {jax.device_count()} devices; "
+                f"use a multiple of {jax.device_count()}."
             )
         if bs % jax.process_count():
             raise ValueError(
@@ -191,8 +191,8 @@ def validate_config(config: mlc.ConfigDict) -> None:
         levels = tuple(config.quantizer.levels)
         if not levels or any(int(lv) < 2 for lv in levels):
             raise ValueError(
-                f"config.quantizer.levels={levels} is invalid: FSQ needs at least one level and each "
-                "level >= 2 (e.g. (8, 5, 5, 5))."
+                f"config.quantizer.levels={levels} is invalid: FSQ needs at least one level and "
+                "each level >= 2 (e.g. (8, 5, 5, 5))."
             )
     build_quantizer(config.quantizer, jnp.float32)  # raises on bad kind / codebook size
 

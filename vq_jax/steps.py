@@ -108,7 +108,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
         return loss, (aux, model_state, recon)
 
     def adversarial_terms(state, x, recon, rec, features, kernel):
-        """lambda * G_adv + feature matching, switched on at `disc_start` (lax.cond: no D work before)."""
+        """lambda * G_adv + feature matching from `disc_start` on (lax.cond: no D work before)."""
         disc_params = state["disc_params"]
 
         def active(recon):
@@ -220,9 +220,13 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
 
 
 def make_tokenizer_step(
-    comps: Components, s: LossSettings
+    comps: Components, s: LossSettings, *, skip_nonfinite: bool = False
 ) -> Callable[[State, dict[str, jax.Array], jax.Array], tuple[State, Measurements]]:
-    """The tokenizer train step for VQ-VAE (no discriminator) or VQGAN."""
+    """The tokenizer train step for VQ-VAE (no discriminator) or VQGAN.
+
+    With `skip_nonfinite`, a step whose losses or gradient norms are not finite leaves the state
+    as it was (but for the step counter) and reports `skipped=1`.
+    """
     updates = make_tokenizer_updates(comps, s)
 
     def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array):
@@ -234,6 +238,11 @@ def make_tokenizer_step(
             # D trains against the reconstruction made before this step's generator update.
             new_state, disc_aux = updates.discriminator(new_state, x, recon)
             aux.update(disc_aux)
+        if skip_nonfinite:
+            checked = ("loss", "l2_grads", "d_loss", "l2_disc_grads")
+            finite = jnp.all(jnp.stack([jnp.isfinite(aux[k]) for k in checked if k in aux]))
+            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+            aux["skipped"] = 1.0 - finite.astype(jnp.float32)
         new_state["step"] = state["step"] + 1
         return new_state, aux
 

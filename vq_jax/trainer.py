@@ -6,13 +6,15 @@ reads the config tree, and, with sample.py, the only place that does I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -23,12 +25,69 @@ import numpy as np
 from vq_jax import checkpoints, data, metrics
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
+from vq_jax.state import State
 
 DATA_AXIS = "data"
 
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN/Inf."""
+
+
+# Config sections that fix the shapes of the train state; a workdir written with other values
+# cannot be resumed without `train.allow_config_change`.
+STATE_DEFINING = ("model", "quantizer", "discriminator", "input.resolution", "input.channels")
+
+
+def _flatten(d: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: list(d) if isinstance(d, tuple | list) else d}
+    return {k: v for key, sub in d.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+
+
+def _lookup(d: dict, path: str) -> Any:
+    for key in path.split("."):
+        d = d.get(key, {}) if isinstance(d, dict) else {}
+    return d
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Dotted keys of STATE_DEFINING config entries that differ between two config dicts."""
+    diffs = []
+    for path in STATE_DEFINING:
+        a, b = _flatten(_lookup(saved, path), path), _flatten(_lookup(current, path), path)
+        diffs += [
+            f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+            for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)
+        ]
+    return diffs
+
+
+class Preemption:
+    """Turns SIGTERM (and multi-host preemption sync points) into a save-and-exit request."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.requested = True
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -43,12 +102,14 @@ def jit_train_step(
     settings: steps_lib.LossSettings,
     mesh: jax.sharding.Mesh,
     abstract_state: Any,
+    *,
+    skip_nonfinite: bool = False,
 ):
     """The train step jitted over `mesh`: state replicated and donated, batch split on `data`."""
     repl = jax.NamedSharding(mesh, jax.P())
     state_sharding = jax.tree.map(lambda _: repl, abstract_state)
     return jax.jit(
-        steps_lib.make_tokenizer_step(comps, settings),
+        steps_lib.make_tokenizer_step(comps, settings, skip_nonfinite=skip_nonfinite),
         in_shardings=(state_sharding, jax.NamedSharding(mesh, jax.P(DATA_AXIS)), repl),
         out_shardings=(state_sharding, repl),
         donate_argnums=0,
@@ -102,7 +163,8 @@ def check_data(source: Any, preprocess_fn, config: mlc.ConfigDict) -> None:
     expected = (config.input.resolution, config.input.resolution, config.input.channels)
     if tuple(image.shape) != expected:
         raise ValueError(
-            f"Preprocessed images have shape {tuple(image.shape)} but the model expects {expected}; "
+            f"Preprocessed images have shape {tuple(image.shape)} but the model expects "
+            f"{expected}; "
             "check config.input.resolution / channels / resize."
         )
 
@@ -130,26 +192,31 @@ class MetricBuffer:
         """Fetches the buffered steps; raises NonFiniteError at the first non-finite value."""
         self._items = jax.device_get(self._items)
         for step, m in self._items:
+            if m.get("skipped", 0) > 0:  # skip_nonfinite_steps: the update was not applied
+                continue
             bad = sorted(k for k, v in m.items() if not np.all(np.isfinite(v)))
             if bad:
                 raise NonFiniteError(
                     f"Non-finite {', '.join(bad)} at step {step} "
                     f"(values: { {k: float(np.mean(m[k])) for k in bad} }). Last good checkpoint: "
-                    f"{last_good if last_good is not None else 'none'}. Lower the learning rate, enable "
-                    "gradient clipping (config.optimizer.*.clip_norm), or compute in float32."
+                    f"{last_good if last_good is not None else 'none'}. Lower the learning rate, "
+                    "enable gradient clipping (config.optimizer.*.clip_norm), or compute in "
+                    "float32."
                 )
 
     def flush(self, last_good: int | None) -> dict[str, float]:
         """Means over the buffered steps (after `check`), and empties the buffer."""
         self.check(last_good)
         items, self._items = self._items, []
-        if not items:
-            return {}
-        return {k: float(np.mean([np.mean(m[k]) for _, m in items])) for k in items[0][1]}
+        kept = [m for _, m in items if m.get("skipped", 0) == 0]
+        out = {k: float(np.mean([np.mean(m[k]) for m in kept])) for k in (kept or [{}])[0]}
+        if items and "skipped" in items[0][1]:
+            out["skipped"] = float(sum(m["skipped"] for _, m in items))
+        return out
 
 
-def evaluate(
-    eval_step, params: Any, model_state: Any, batches: Iterator[dict], sharding, codebook_size: int
+def evaluate_split(
+    eval_step, params: Any, model_state: Any, batches: Iterator[dict], sharding
 ) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
     """Exact means over the held-out split, plus the first batch for the image grid."""
     totals, first = None, None
@@ -166,119 +233,78 @@ def evaluate(
     result["codebook_perplexity"] = float(stats["perplexity"])
     result["codes_used"] = int(np.sum(np.asarray(totals["code_counts"]) > 0))
     result["num_examples"] = int(n)
-    del codebook_size
     return result, first
 
 
-def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains a tokenizer; resumes from the newest checkpoint in `workdir`. Returns final eval."""
-    comps = state_lib.build(config)  # validates the config before any data or compilation
+@dataclasses.dataclass
+class Task:
+    """What the generic loop needs from one kind of model (tokenizer, prior).
+
+    init_fn:     key -> initial state (pure; eval_shape'd for abstract restores).
+    step_fn:     the jitted train step (state, global batch, key) -> (state, measurements).
+    train_iter:  per-process batches of numpy arrays, with get_state() / set_state().
+    evaluate:    (state, step, writer) -> scalars; writes its own files (process 0 only).
+    """
+
+    init_fn: Callable[[jax.Array], State]
+    make_step: Callable[[Any], Callable]
+    make_train_iter: Callable[[], Any]
+    evaluate: Callable[[State, int, metrics.MetricWriter], dict[str, float]]
+
+
+def save_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def run(task: Task, config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict:
+    """The training loop shared by every task: restore or init, step, log, checkpoint, evaluate.
+
+    Resumes from the newest restorable checkpoint in `workdir`; stops with NonFiniteError on a
+    NaN/Inf measurement (no such state is ever saved); on SIGTERM saves and returns.
+    """
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh()
+    tc = config.train
     repl = jax.NamedSharding(mesh, jax.P())
     batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
-
-    train_src, eval_src = make_sources(config)
-    preprocess_fn = make_preprocess(config)
-    check_data(train_src, preprocess_fn, config)
-    local_batch = config.input.batch_size // jax.process_count()
-    local_eval_batch = config.input.eval_batch_size // jax.process_count()
-
     key = jax.random.key(config.seed)
-    ema = config.train.ema_decay > 0
-    init_fn = functools.partial(state_lib.init_state, comps, ema=ema)
-    abstract = checkpoints.abstract_like(jax.eval_shape(init_fn, key), repl)
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-    )
+    abstract = checkpoints.abstract_like(jax.eval_shape(task.init_fn, key), repl)
+
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     config_dict = json.loads(config.to_json_best_effort())
-    restored = ckpt.restore_latest(abstract)
+    if ckpt.latest_step() is not None and not tc.allow_config_change:
+        diffs = config_differences(ckpt.read_config(), config_dict)
+        if diffs:
+            ckpt.close()
+            raise ValueError(
+                f"{workdir} was created by a different model config ({'; '.join(diffs)}). Use "
+                "another --workdir, or pass --config.train.allow_config_change=True to resume "
+                "anyway."
+            )
+    restored = ckpt.restore_latest(abstract, fallback=tc.checkpoint_fallback)
     if restored is None:
-        state = jax.jit(init_fn, out_shardings=repl)(key)
+        state = jax.jit(task.init_fn, out_shardings=repl)(key)
         data_state, start = None, 0
     else:
         start, state, data_state, _ = restored
-        logging.info("Resumed from checkpoint step %d in %s", start, ckpt.directory)
+        print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    it = data.make_train_iter(
-        train_src,
-        batch_size=local_batch,
-        seed=config.seed,
-        preprocess_fn=preprocess_fn,
-        random_flip=config.input.random_flip,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        prefetch=config.input.prefetch,
-    )
+    it = task.make_train_iter()
     if data_state is not None:
         it.set_state(data_state)
-
-    train_step = jit_train_step(comps, loss_settings(config), mesh, abstract)
-    eval_step = jax.jit(
-        steps_lib.make_eval_step(comps),
-        in_shardings=(repl, repl, batch_sharding),
-        out_shardings=repl,
-    )
+    train_step = task.make_step(abstract)
     all_finite = jax.jit(
         lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)]))
     )
     step_key = state_lib.rng_stream(key, "train_step")
     writer = metrics.MetricWriter(workdir, enabled=is_main)
-    tc = config.train
     total = tc.steps
     buffer = MetricBuffer()
     last_ckpt = ckpt.latest_step()
-
-    def eval_params(state):
-        return state.get("ema_params", state["params"])
-
-    def run_eval(step: int) -> dict[str, float]:
-        batches = data.make_eval_batches(
-            eval_src,
-            batch_size=local_eval_batch,
-            preprocess_fn=preprocess_fn,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            max_batches=tc.eval_batches or None,
-        )
-        t0 = time.time()
-        result, first = evaluate(
-            eval_step,
-            eval_params(state),
-            state["model_state"],
-            batches,
-            batch_sharding,
-            comps.model.quantizer.codebook_size,
-        )
-        result["eval_seconds"] = time.time() - t0
-        if is_main:
-            writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
-            os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-            with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
-                json.dump({"step": step, **result}, f, indent=2)
-            if first is not None:
-                n = min(tc.num_sample_images, first["image"].shape[0])
-                x = first["image"][:n]
-                recon = jax.jit(lambda p, ms, im: comps.model.apply({"params": p, **ms}, im)[0])(
-                    eval_params(state), state["model_state"], x
-                )
-                grid = metrics.image_grid(
-                    np.concatenate([metrics.to_uint8(x), metrics.to_uint8(np.asarray(recon))]),
-                    ncols=n,
-                )
-                metrics.save_png(os.path.join(workdir, "eval", f"step_{step}.png"), grid)
-                writer.write_images(step, "eval/originals_vs_reconstructions", grid[None])
-        print(
-            f"eval step {step}: psnr {result['psnr']:.2f} dB | ssim {result['ssim']:.4f} | "
-            f"codebook usage {result['codebook_usage']:.3f} ({result['codes_used']} codes) | "
-            f"perplexity {result['codebook_perplexity']:.1f}",
-            flush=True,
-        )
-        return result
 
     def save(step: int) -> None:
         nonlocal last_ckpt
@@ -292,14 +318,20 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
 
     final_eval: dict[str, float] = {}
     t_log, step_log = time.time(), start
+    preemption = Preemption()
     try:
         for step in range(start, total):
-            batch = to_global(next(it), batch_sharding)
+            local = next(it)
+            if step == tc.debug_nan_step:  # tests: a poisoned batch
+                local = {
+                    k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+                    for k, v in local.items()
+                }
+            batch = to_global(local, batch_sharding)
             if step == start:
                 t0 = time.time()
-                compiled = train_step.lower(state, batch, step_key).compile()
+                train_step = train_step.lower(state, batch, step_key).compile()
                 print(f"compiled train step in {time.time() - t0:.1f} s", flush=True)
-                train_step = compiled
                 t_log = time.time()
             state, measurements = train_step(state, batch, step_key)
             done = step + 1
@@ -318,13 +350,101 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
                 buffer.check(last_ckpt)
                 save(done)
             if done % tc.eval_every == 0 or is_last:
-                final_eval = run_eval(done)
+                final_eval = task.evaluate(state, done, writer)
+            if not is_last and preemption.should_stop(done):
+                buffer.check(last_ckpt)
+                save(done)
+                ckpt.wait()
+                print(f"preempted: saved checkpoint at step {done}; exiting", flush=True)
+                return final_eval
         if start >= total and total > 0:
-            final_eval = run_eval(total)
+            final_eval = task.evaluate(state, total, writer)
     finally:
+        preemption.close()
         ckpt.close()
         writer.close()
         if hasattr(it, "close"):
             it.close()
     sys.stdout.flush()
     return final_eval
+
+
+def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Task:
+    """The VQ-VAE / VQGAN task: validates config and data before anything compiles."""
+    comps = state_lib.build(config)
+    is_main = jax.process_index() == 0
+    repl = jax.NamedSharding(mesh, jax.P())
+    batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
+    train_src, eval_src = make_sources(config)
+    preprocess_fn = make_preprocess(config)
+    check_data(train_src, preprocess_fn, config)
+    ic, tc = config.input, config.train
+    pcount, pindex = jax.process_count(), jax.process_index()
+
+    def make_train_iter():
+        return data.make_train_iter(
+            train_src,
+            batch_size=ic.batch_size // pcount,
+            seed=config.seed,
+            preprocess_fn=preprocess_fn,
+            random_flip=ic.random_flip,
+            process_index=pindex,
+            process_count=pcount,
+            prefetch=ic.prefetch,
+        )
+
+    def make_step(abstract):
+        skip = tc.skip_nonfinite_steps
+        return jit_train_step(comps, loss_settings(config), mesh, abstract, skip_nonfinite=skip)
+
+    eval_step = jax.jit(
+        steps_lib.make_eval_step(comps),
+        in_shardings=(repl, repl, batch_sharding),
+        out_shardings=repl,
+    )
+    reconstruct = jax.jit(lambda p, ms, im: comps.model.apply({"params": p, **ms}, im)[0])
+
+    def evaluate(state: State, step: int, writer: metrics.MetricWriter) -> dict[str, float]:
+        params = state.get("ema_params", state["params"])
+        batches = data.make_eval_batches(
+            eval_src,
+            batch_size=ic.eval_batch_size // pcount,
+            preprocess_fn=preprocess_fn,
+            process_index=pindex,
+            process_count=pcount,
+            max_batches=tc.eval_batches or None,
+        )
+        t0 = time.time()
+        result, first = evaluate_split(
+            eval_step, params, state["model_state"], batches, batch_sharding
+        )
+        result["eval_seconds"] = time.time() - t0
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        if is_main:
+            save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
+            if first is not None:
+                n = min(tc.num_sample_images, first["image"].shape[0])
+                x = first["image"][:n]
+                recon = np.asarray(reconstruct(params, state["model_state"], x))
+                grid = metrics.image_grid(
+                    np.concatenate([metrics.to_uint8(x), metrics.to_uint8(recon)]), ncols=n
+                )
+                metrics.save_png(os.path.join(workdir, "eval", f"step_{step}.png"), grid)
+                writer.write_images(step, "eval/originals_vs_reconstructions", grid[None])
+            print(
+                f"eval step {step}: psnr {result['psnr']:.2f} dB | ssim {result['ssim']:.4f} | "
+                f"codebook usage {result['codebook_usage']:.3f} ({result['codes_used']} codes) | "
+                f"perplexity {result['codebook_perplexity']:.1f}",
+                flush=True,
+            )
+        return result
+
+    init_fn = functools.partial(state_lib.init_state, comps, ema=tc.ema_decay > 0)
+    return Task(init_fn, make_step, make_train_iter, evaluate)
+
+
+def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains the model `config` describes; resumes from the newest checkpoint in `workdir`."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh()
+    return run(tokenizer_task(config, workdir, mesh), config, workdir, mesh)

@@ -1,0 +1,112 @@
+"""Times the tokenizer train step of a config: compile time, median step time, images/s, model
+FLOPs (XLA cost analysis of the compiled step), achieved GFLOP/s and the fraction of a matmul
+peak measured in the same run.
+
+  python -m benchmarks.step --config=configs/vqvae.py:fashion_mnist
+  python -m benchmarks.step --config=configs/vqgan.py:fashion_mnist --steps=20
+
+Runs on whatever devices JAX sees (set JAX_PLATFORMS=cpu to force the CPU).
+"""
+
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from vq_jax import state as state_lib
+from vq_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Override config.input.batch_size.")
+_JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+flags.mark_flags_as_required(["config"])
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Achieved float32 GFLOP/s of an n x n matmul: the practical peak of this device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def flops_of(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def bench(config, num_steps: int) -> dict:
+    comps = state_lib.build(config)
+    mesh = trainer.make_mesh()
+    repl = jax.NamedSharding(mesh, jax.P())
+    key = jax.random.key(config.seed)
+    init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
+    abstract = jax.eval_shape(init_fn, key)
+    state = jax.jit(init_fn, out_shardings=repl)(key)
+    bs, r, c = config.input.batch_size, config.input.resolution, config.input.channels
+    batch = jax.device_put(
+        {
+            "image": jax.random.uniform(key, (bs, r, r, c), minval=-1, maxval=1),
+            "label": jnp.zeros((bs,), jnp.int32),
+        },
+        jax.NamedSharding(mesh, jax.P(trainer.DATA_AXIS)),
+    )
+    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - t0
+    flops = flops_of(compiled)
+    for _ in range(2):
+        state, m = compiled(state, batch, key)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(num_steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch, key)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    peak = matmul_peak()
+    return {
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "batch_size": bs,
+        "image_shape": [r, r, c],
+        "discriminator": comps.disc is not None,
+        "compile_s": round(compile_s, 2),
+        "median_step_s": round(median, 4),
+        "steps_per_s": round(1 / median, 3),
+        "images_per_s": round(bs / median, 1),
+        "gflop_per_step": round(flops / 1e9, 2),
+        "achieved_gflop_s": round(flops / median / 1e9, 1),
+        "matmul_peak_gflop_s": round(peak, 1),
+        "fraction_of_peak": round(flops / median / 1e9 / peak, 3),
+    }
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if _BATCH.value:
+        config.input.batch_size = _BATCH.value
+    result = {"config": flags.FLAGS["config"].config_filename, **bench(config, _STEPS.value)}
+    print(json.dumps(result, indent=2))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
