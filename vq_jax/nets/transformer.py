@@ -1,0 +1,378 @@
+"""Stage-2 priors over VQ token grids: a causal GPT and a bidirectional MaskGIT transformer.
+
+Both read a token grid flattened in raster order, ``tokens [B, L]`` with ``L = h * w`` and ids in
+``[0, vocab_size)`` (the codebook size K), and return float32 logits ``[B, L, K]``.
+
+* :class:`GPT` (Esser et al., 2021, stage 2): ``logits[:, i]`` predicts token ``i`` from the start
+  token and tokens ``< i``. The start token is a learned class embedding; an unconditional model
+  (``num_classes=0``) has one class, which is its learned start-of-sequence embedding. A
+  class-conditional model has ``num_classes + 1`` class embeddings: the extra id ``num_classes``
+  is the "null class" used for classifier-free guidance (drop labels to it during training).
+  ``decode=True`` runs incremental decoding with a key/value cache in the flax ``'cache'``
+  collection (see :func:`init_cache`).
+* :class:`MaskGITTransformer` (Chang et al., 2022): bidirectional; input ids are in ``[0, K]``
+  where ``K`` is the mask id; a class token (``num_classes + 1`` ids, the last is the null class)
+  is prepended and dropped again at the output. Logits never include the mask id.
+
+Blocks are pre-norm (LayerNorm -> attention -> residual, LayerNorm -> GELU MLP -> residual) with
+learned position embeddings. ``dtype`` is the compute dtype (bfloat16 is fine); parameters are
+float32; attention logits/softmax and the output logits are float32.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype | type
+
+_INIT = nn.initializers.normal(stddev=0.02)
+_LN_EPS = 1e-5
+
+
+def _check_dims(embed_dim: int, num_heads: int) -> None:
+    if num_heads <= 0 or embed_dim % num_heads:
+        raise ValueError(
+            f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; choose num_heads "
+            "dividing embed_dim (e.g. embed_dim=512, num_heads=8)."
+        )
+
+
+def _start_ids(labels: jax.Array | None, num_classes: int, batch: int) -> jax.Array:
+    """Class ids of the start/class token: labels, or the single SOS id 0 when unconditional."""
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError(
+                "labels were given to an unconditional model (num_classes=0); drop the labels or "
+                "build the model with num_classes set to the number of classes."
+            )
+        return jnp.zeros((batch,), jnp.int32)
+    if labels is None:
+        raise ValueError(
+            f"this model is class-conditional (num_classes={num_classes}) and needs labels [B]; "
+            f"pass labels, using id {num_classes} (the null class) for unconditional inputs."
+        )
+    if labels.shape != (batch,):
+        raise ValueError(
+            f"labels must have shape ({batch},) matching the batch, got {labels.shape}."
+        )
+    return labels.astype(jnp.int32)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with einsum matmuls and a float32 softmax.
+
+    With ``decode=True`` the keys/values of the ``T`` new positions are written into the cache
+    variables ``cached_key``/``cached_value`` [B, cache_len, H, D] at offset ``start`` and the
+    queries attend over the whole cache (causally masked, so unwritten slots are never read).
+    """
+
+    num_heads: int
+    dropout: float = 0.0
+    cache_len: int = 0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        causal: bool,
+        train: bool = False,
+        decode: bool = False,
+        start: jax.Array | int = 0,
+    ) -> jax.Array:
+        b, t, c = x.shape
+        _check_dims(c, self.num_heads)
+        h, d = self.num_heads, c // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, h, d), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_INIT, name="qkv"
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if decode:
+            if not causal or self.cache_len <= 0:
+                raise ValueError("decode=True needs causal attention with cache_len > 0.")
+            shape = (b, self.cache_len, h, d)
+            ck = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
+            zero = jnp.zeros((), jnp.int32)
+            offset = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), offset)
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), offset)
+            k, v = ck.value, cv.value
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(d))
+        if causal:
+            q_pos = start + jnp.arange(t)
+            k_pos = jnp.arange(k.shape[1])
+            allowed = k_pos[None, :] <= q_pos[:, None]
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
+        out = jnp.einsum("bhts,bshd->bthd", probs.astype(self.dtype), v.astype(self.dtype))
+        return nn.DenseGeneral(
+            c,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_INIT,
+            name="out",
+        )(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) (GELU, mlp_ratio * C)."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    cache_len: int = 0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        causal: bool,
+        train: bool = False,
+        decode: bool = False,
+        start: jax.Array | int = 0,
+    ) -> jax.Array:
+        c = x.shape[-1]
+
+        def norm(name: str) -> nn.LayerNorm:
+            return nn.LayerNorm(_LN_EPS, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+
+        def dense(features: int, name: str) -> nn.Dense:
+            return nn.Dense(
+                features, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_INIT, name=name
+            )
+
+        y = SelfAttention(self.num_heads, self.dropout, self.cache_len, self.dtype, name="attn")(
+            norm("norm1")(x), causal=causal, train=train, decode=decode, start=start
+        )
+        x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+        y = dense(round(self.mlp_ratio * c), "mlp_in")(norm("norm2")(x))
+        y = dense(c, "mlp_out")(nn.gelu(y))
+        return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class _Trunk(nn.Module):
+    """Embedding dropout -> num_layers blocks -> final LayerNorm -> float32 logits over K."""
+
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    mlp_ratio: float
+    dropout: float
+    cache_len: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        causal: bool,
+        train: bool,
+        decode: bool = False,
+        start: jax.Array | int = 0,
+    ) -> jax.Array:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        for i in range(self.num_layers):
+            x = Block(
+                self.num_heads,
+                self.mlp_ratio,
+                self.dropout,
+                self.cache_len,
+                self.dtype,
+                name=f"block_{i}",
+            )(x, causal=causal, train=train, decode=decode, start=start)
+        x = nn.LayerNorm(_LN_EPS, dtype=self.dtype, param_dtype=jnp.float32, name="norm_out")(x)
+        logits = nn.Dense(
+            self.vocab_size,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_INIT,
+            name="head",
+        )(x)
+        return logits.astype(jnp.float32)
+
+
+class GPT(nn.Module):
+    """Decoder-only causal transformer prior: tokens [B, T<=L] -> logits [B, T, vocab_size].
+
+    ``logits[:, i]`` predicts token ``i`` given the start token (class embedding) and tokens
+    ``< i``; the last input token is never read. Parameter names: tok_embed, class_embed,
+    pos_embed, trunk/{block_i, norm_out, head}.
+
+    Decoding (``decode=True``, ``mutable=['cache']``, cache from :func:`init_cache`): each call
+    takes the inputs for the next ``T`` positions ``p..p+T-1`` (``p`` = cache index), where the
+    input at position ``p`` is token ``p - 1`` (the value at position 0 is ignored: the start
+    token is used) and returns the logits for tokens ``p..p+T-1``. Feeding more than ``L``
+    positions in total is not checked inside jit (slices clamp). Pass the same labels on every
+    decode call (they are read at position 0 only).
+    """
+
+    vocab_size: int
+    seq_len: int
+    num_classes: int = 0
+    num_layers: int = 8
+    num_heads: int = 8
+    embed_dim: int = 512
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        labels: jax.Array | None = None,
+        train: bool = False,
+        decode: bool = False,
+    ) -> jax.Array:
+        if tokens.ndim != 2:
+            raise ValueError(f"GPT expects tokens [B, T], got shape {tokens.shape}; flatten h*w.")
+        b, t = tokens.shape
+        if t > self.seq_len:
+            raise ValueError(
+                f"sequence of {t} tokens is longer than seq_len={self.seq_len}; build the model "
+                "with seq_len = h * w of the token grid."
+            )
+        _check_dims(self.embed_dim, self.num_heads)
+        cls_ids = _start_ids(labels, self.num_classes, b)
+        c = self.embed_dim
+        tok_embed = nn.Embed(
+            self.vocab_size,
+            c,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_INIT,
+            name="tok_embed",
+        )
+        class_embed = nn.Embed(
+            self.num_classes + 1,
+            c,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_INIT,
+            name="class_embed",
+        )
+        pos_embed = self.param("pos_embed", _INIT, (self.seq_len, c), jnp.float32)
+
+        if decode:
+            initialized = self.has_variable("cache", "index")
+            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            start = index.value
+            if initialized:
+                index.value = start + t
+            inputs = tokens
+        else:
+            start = jnp.zeros((), jnp.int32)
+            inputs = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+
+        positions = start + jnp.arange(t)
+        x = tok_embed(inputs.astype(jnp.int32))
+        x = jnp.where((positions == 0)[None, :, None], class_embed(cls_ids)[:, None, :], x)
+        pos = jax.lax.dynamic_slice_in_dim(pos_embed, start, t, axis=0)
+        x = (x + pos[None].astype(x.dtype)).astype(self.dtype)
+        return _Trunk(
+            self.vocab_size,
+            self.num_layers,
+            self.num_heads,
+            self.mlp_ratio,
+            self.dropout,
+            self.seq_len,
+            self.dtype,
+            name="trunk",
+        )(x, causal=True, train=train, decode=decode, start=start)
+
+
+def init_cache(model: GPT, batch_size: int) -> dict:
+    """Fresh (all-zero, index 0) decoding cache of ``model`` for ``batch_size`` sequences.
+
+    Only shapes are traced (``jax.eval_shape``); no parameters are created. Use as
+    ``model.apply({'params': p, 'cache': cache}, x, labels, decode=True, mutable=['cache'])``.
+    """
+    tokens = jnp.zeros((batch_size, 1), jnp.int32)
+    labels = jnp.zeros((batch_size,), jnp.int32) if model.num_classes else None
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), tokens, labels, train=False, decode=True)
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+class MaskGITTransformer(nn.Module):
+    """Bidirectional masked-token transformer: tokens [B, T<=L] in [0, K] -> logits [B, T, K].
+
+    Id ``K = vocab_size`` (:attr:`mask_id`) marks masked positions. A class token (ids
+    ``0..num_classes``, the last one the null class; unconditional models have only id 0) is
+    prepended, so the position table has ``L + 1`` rows. Parameter names: tok_embed,
+    class_embed, pos_embed, trunk/{block_i, norm_out, head}.
+    """
+
+    vocab_size: int
+    seq_len: int
+    num_classes: int = 0
+    num_layers: int = 8
+    num_heads: int = 8
+    embed_dim: int = 512
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @property
+    def mask_id(self) -> int:
+        """Token id of a masked position (= vocab_size)."""
+        return self.vocab_size
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array, labels: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        if tokens.ndim != 2:
+            raise ValueError(
+                f"MaskGITTransformer expects tokens [B, T], got shape {tokens.shape}; flatten h*w."
+            )
+        b, t = tokens.shape
+        if t > self.seq_len:
+            raise ValueError(
+                f"sequence of {t} tokens is longer than seq_len={self.seq_len}; build the model "
+                "with seq_len = h * w of the token grid."
+            )
+        _check_dims(self.embed_dim, self.num_heads)
+        cls_ids = _start_ids(labels, self.num_classes, b)
+        c = self.embed_dim
+        x = nn.Embed(
+            self.vocab_size + 1,
+            c,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_INIT,
+            name="tok_embed",
+        )(tokens.astype(jnp.int32))
+        cls = nn.Embed(
+            self.num_classes + 1,
+            c,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_INIT,
+            name="class_embed",
+        )(cls_ids)
+        pos_embed = self.param("pos_embed", _INIT, (self.seq_len + 1, c), jnp.float32)
+        x = jnp.concatenate([cls[:, None, :], x], axis=1)
+        x = (x + pos_embed[None, : t + 1].astype(x.dtype)).astype(self.dtype)
+        logits = _Trunk(
+            self.vocab_size,
+            self.num_layers,
+            self.num_heads,
+            self.mlp_ratio,
+            self.dropout,
+            0,
+            self.dtype,
+            name="trunk",
+        )(x, causal=False, train=train)
+        return logits[:, 1:]
