@@ -1,0 +1,148 @@
+"""Convert LPIPS-VGG16 weights from PyTorch files to the .npz read by vq_jax.nets.lpips.
+
+Inputs (local files only; nothing is downloaded):
+  --vgg16  torchvision's VGG16 state dict, e.g. vgg16-397923af.pth (keys features.N.weight/bias).
+           A state dict of the lpips model itself (keys net.sliceK.N.weight) also works.
+  --lpips  the lpips package's linear heads, lpips/weights/v0.1/vgg.pth (keys lin0.model.1.weight
+           ...). Default: that file inside the installed `lpips` pip package, if there is one.
+  --out    the .npz to write (flat keys 'vgg/conv1_1/kernel', 'lin0/kernel', ...; HWIO kernels).
+
+Needs PyTorch (pip install -e '.[torch]'), used only to read the .pth files:
+
+    python scripts/convert_lpips.py --vgg16=vgg16-397923af.pth --out=lpips_vgg16.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vq_jax.nets.lpips import (  # after the sys.path line above
+    LPIPS_CHANNELS,
+    lpips_param_shapes,
+    validate_flat_params,
+    vgg16_conv_names,
+)
+
+# torchvision `features` indices of the 13 convs (ReLUs and max-pools sit in between).
+VGG16_CONV_INDICES: tuple[int, ...] = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+
+_LPIPS_SLICE_KEY = re.compile(r"^net\.slice\d+\.(\d+)\.(weight|bias)$")
+_LIN_KEY = re.compile(r"^lin(\d+)\.(?:model\.1\.)?weight$")
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    if hasattr(t, "detach"):  # torch.Tensor; avoids importing torch here
+        t = t.detach().cpu().numpy()
+    return np.asarray(t, dtype=np.float32)
+
+
+def _vgg_features(vgg_sd: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """{features index: {'weight': w, 'bias': b}} from torchvision or lpips-model key names."""
+    out: dict[int, dict[str, Any]] = {}
+    for key, value in vgg_sd.items():
+        m = re.match(
+            r"^(?:module\.)?features\.(\d+)\.(weight|bias)$", key
+        ) or _LPIPS_SLICE_KEY.match(key)
+        if m:
+            out.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    return out
+
+
+def convert_state_dicts(
+    vgg_sd: Mapping[str, Any], lin_sd: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """torch state dicts (VGG16 features + LPIPS heads) -> flat float32 npz dict, HWIO kernels.
+
+    Conv weights OIHW [O, I, kh, kw] become HWIO [kh, kw, I, O]; the 1x1 heads [1, C, 1, 1]
+    become [1, 1, C, 1]. Raises ValueError naming missing keys or wrong shapes.
+    """
+    feats = _vgg_features(vgg_sd)
+    flat: dict[str, np.ndarray] = {}
+    for idx, name in zip(VGG16_CONV_INDICES, vgg16_conv_names(), strict=True):
+        layer = feats.get(idx, {})
+        if "weight" not in layer or "bias" not in layer:
+            raise ValueError(
+                f"VGG16 state dict lacks features.{idx}.weight/bias ({name}); pass torchvision's "
+                f"vgg16 state dict (vgg16-397923af.pth) as --vgg16."
+            )
+        flat[f"vgg/{name}/kernel"] = _to_numpy(layer["weight"]).transpose(2, 3, 1, 0)
+        flat[f"vgg/{name}/bias"] = _to_numpy(layer["bias"])
+
+    heads = {int(m.group(1)): v for k, v in lin_sd.items() if (m := _LIN_KEY.match(k))}
+    for k in range(len(LPIPS_CHANNELS)):
+        if k not in heads:
+            raise ValueError(
+                f"LPIPS head state dict lacks lin{k}.model.1.weight; pass the lpips package's "
+                f"weights/v0.1/vgg.pth as --lpips."
+            )
+        flat[f"lin{k}/kernel"] = _to_numpy(heads[k]).transpose(2, 3, 1, 0)
+
+    validate_flat_params(flat, "converted weights")
+    return flat
+
+
+def default_lpips_heads() -> str | None:
+    """weights/v0.1/vgg.pth inside the installed lpips package (found without importing it)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "weights", "v0.1", "vgg.pth")
+    return path if os.path.isfile(path) else None
+
+
+def _load_torch(path: str) -> Mapping[str, Any]:
+    try:
+        import torch
+    except ImportError as e:
+        raise SystemExit(
+            "convert_lpips.py needs PyTorch to read .pth files: pip install -e '.[torch]'"
+        ) from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist; give a local .pth file.")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, Mapping) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path!r} holds a {type(sd).__name__}, expected a state dict.")
+    return sd
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vgg16", required=True, help="torchvision vgg16-397923af.pth")
+    parser.add_argument(
+        "--lpips", default=None, help="lpips weights/v0.1/vgg.pth (default: from installed lpips)"
+    )
+    parser.add_argument("--out", required=True, help="output .npz path")
+    args = parser.parse_args(argv)
+
+    lpips_path = args.lpips or default_lpips_heads()
+    if lpips_path is None:
+        parser.error(
+            "--lpips not given and no installed `lpips` package with weights/v0.1/vgg.pth was "
+            "found; pass --lpips=/path/to/lpips/weights/v0.1/vgg.pth."
+        )
+    flat = convert_state_dicts(_load_torch(args.vgg16), _load_torch(lpips_path))
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(args.out, **flat)
+    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    n_params = sum(v.size for v in flat.values())
+    print(f"wrote {out}: {len(flat)} arrays, {n_params:,} float32 parameters")
+    print(f"  VGG16 from {args.vgg16}; heads from {lpips_path}")
+    for key, shape in lpips_param_shapes().items():
+        print(f"  {key}: {shape}")
+
+
+if __name__ == "__main__":
+    main()
