@@ -174,3 +174,43 @@ def test_discriminator_loss_measurement_matches_hinge_formula():
     fake = np.asarray(_disc_forward(comps, state["disc_params"], recon))
     expected = 0.5 * (np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake)))
     np.testing.assert_allclose(float(m["d_loss"]), expected, rtol=1e-4, atol=1e-5)
+
+
+def _random_lpips_file(path, image_shape):
+    from vq_jax.nets import lpips
+
+    x = jnp.zeros((1, *image_shape))
+    params = lpips.LPIPS().init(jax.random.key(3), x, x)["params"]
+    params = jax.tree.map(lambda p: jnp.abs(p) if p.ndim == 4 and p.shape[-1] == 1 else p, params)
+    np.savez(path, **lpips.flatten_params(params))
+    return params
+
+
+def test_perceptual_term_is_lpips_and_enters_the_loss(tmp_path):
+    from vq_jax.nets import lpips
+
+    config = vqgan.get_config("tiny")
+    config.loss.update(
+        perceptual_weight=1.0, lpips_weights=str(tmp_path / "lpips.npz"), disc_start=100
+    )
+    config.loss.disc_train_start = 100
+    params = _random_lpips_file(config.loss.lpips_weights, (16, 16, 1))
+    comps, key, init_fn = _setup(config)
+    state = init_fn(key)
+    batch = _batch(config)
+    _, m = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))(
+        state, batch, key
+    )
+    recon, _ = comps.model.apply(
+        {"params": state["params"], **state["model_state"]}, batch["image"]
+    )
+    expected = lpips.LPIPS().apply({"params": params}, batch["image"], recon).mean()
+    np.testing.assert_allclose(float(m["perceptual"]), float(expected), rtol=1e-4)
+    np.testing.assert_allclose(float(m["rec_loss"]), float(m["l1"]) + float(expected), rtol=1e-4)
+
+
+def test_missing_lpips_weights_fail_at_start_with_the_fix(tmp_path):
+    config = vqgan.get_config("tiny")
+    config.loss.update(perceptual_weight=1.0, lpips_weights=str(tmp_path / "none.npz"))
+    with pytest.raises(FileNotFoundError, match=r"convert_lpips\.py"):
+        state_lib.build(config)

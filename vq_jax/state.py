@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,9 +26,11 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
+from vq_jax.nets import lpips
 from vq_jax.nets import quantizers as quantizers_lib
 from vq_jax.nets.autoencoder import downsample_factor
 from vq_jax.nets.discriminator import NLayerDiscriminator
+from vq_jax.nets.transformer import GPT, MaskGITTransformer
 from vq_jax.nets.vqmodel import VQModel
 
 State = dict[str, Any]
@@ -165,17 +168,11 @@ class Components:
     disc_tx: optax.GradientTransformation | None
     disc_schedule: optax.Schedule | None
     image_shape: tuple[int, int, int]
+    perceptual: Callable[[jax.Array, jax.Array], jax.Array] | None = None  # LPIPS(x, y), mean
 
 
-def validate_config(config: mlc.ConfigDict) -> None:
-    """Checks that need no data and no compilation; raises ValueError naming the fix."""
-    res, factor = config.input.resolution, downsample_factor(tuple(config.model.ch_mult))
-    if res % factor:
-        raise ValueError(
-            f"config.input.resolution={res} is not divisible by the downsampling factor {factor} "
-            f"(2**(len(config.model.ch_mult)-1) with ch_mult={tuple(config.model.ch_mult)}); "
-            f"pick a resolution that is a multiple of {factor} or change config.model.ch_mult."
-        )
+def validate_batch_sizes(config: mlc.ConfigDict) -> None:
+    """Global batch sizes must split evenly over devices and processes."""
     for name in ("batch_size", "eval_batch_size"):
         bs = config.input[name]
         if bs % jax.device_count():
@@ -187,6 +184,18 @@ def validate_config(config: mlc.ConfigDict) -> None:
             raise ValueError(
                 f"config.input.{name}={bs} is not divisible by the {jax.process_count()} processes."
             )
+
+
+def validate_config(config: mlc.ConfigDict) -> None:
+    """Checks that need no data and no compilation; raises ValueError naming the fix."""
+    res, factor = config.input.resolution, downsample_factor(tuple(config.model.ch_mult))
+    if res % factor:
+        raise ValueError(
+            f"config.input.resolution={res} is not divisible by the downsampling factor {factor} "
+            f"(2**(len(config.model.ch_mult)-1) with ch_mult={tuple(config.model.ch_mult)}); "
+            f"pick a resolution that is a multiple of {factor} or change config.model.ch_mult."
+        )
+    validate_batch_sizes(config)
     if config.quantizer.kind == "fsq":
         levels = tuple(config.quantizer.levels)
         if not levels or any(int(lv) < 2 for lv in levels):
@@ -206,7 +215,14 @@ def build(config: mlc.ConfigDict) -> Components:
     if disc is not None:
         disc_tx, disc_schedule = make_optimizer(config.optimizer.discriminator, steps)
     shape = (config.input.resolution, config.input.resolution, config.input.channels)
-    return Components(build_model(config), disc, tx, schedule, disc_tx, disc_schedule, shape)
+    perceptual = None
+    if config.loss.get("perceptual_weight", 0.0) > 0:
+        # Fails here, before any data or compilation, with the command that makes the file.
+        params = lpips.load_lpips_params(config.loss.lpips_weights)
+        perceptual = lpips.lpips_loss_fn(params, dtype=_dtype(config.model.dtype))
+    return Components(
+        build_model(config), disc, tx, schedule, disc_tx, disc_schedule, shape, perceptual
+    )
 
 
 def init_state(comps: Components, key: jax.Array, *, ema: bool) -> State:
@@ -230,3 +246,55 @@ def init_state(comps: Components, key: jax.Array, *, ema: bool) -> State:
         state["disc_opt_state"] = comps.disc_tx.init(disc_params)
         state["loss_state"] = {"lecam_real": jnp.zeros(()), "lecam_fake": jnp.zeros(())}
     return state
+
+
+# --- stage 2: the prior over token grids -------------------------------------------------------
+
+PRIOR_KINDS = ("autoregressive", "maskgit")
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorComponents:
+    """The prior network, its optimizer and the token grid it models."""
+
+    model: GPT | MaskGITTransformer
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    token_shape: tuple[int, int]
+    vocab_size: int
+
+    @property
+    def kind(self) -> str:
+        return "autoregressive" if isinstance(self.model, GPT) else "maskgit"
+
+
+def build_prior(
+    config: mlc.ConfigDict, token_shape: tuple[int, int], vocab_size: int
+) -> PriorComponents:
+    """The prior of config.prior over token grids of `token_shape` with `vocab_size` codes."""
+    pc = config.prior
+    if pc.kind not in PRIOR_KINDS:
+        raise ValueError(f"config.prior.kind={pc.kind!r} is unknown; use one of {PRIOR_KINDS}.")
+    cls = GPT if pc.kind == "autoregressive" else MaskGITTransformer
+    model = cls(
+        vocab_size=vocab_size,
+        seq_len=token_shape[0] * token_shape[1],
+        num_classes=pc.num_classes,
+        num_layers=pc.num_layers,
+        num_heads=pc.num_heads,
+        embed_dim=pc.embed_dim,
+        mlp_ratio=pc.mlp_ratio,
+        dropout=pc.dropout,
+        dtype=_dtype(pc.dtype),
+    )
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    return PriorComponents(model, tx, schedule, tuple(token_shape), vocab_size)
+
+
+def init_prior_state(comps: PriorComponents, key: jax.Array) -> State:
+    """Initial prior state: {'step', 'params', 'opt_state'} (pure)."""
+    seq_len = comps.token_shape[0] * comps.token_shape[1]
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    labels = jnp.zeros((1,), jnp.int32) if comps.model.num_classes else None
+    params = comps.model.init({"params": rng_stream(key, "prior_params")}, tokens, labels)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": comps.tx.init(params)}

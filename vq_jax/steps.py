@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vq_jax import losses, metrics
-from vq_jax.state import Components, State, rng_stream
+from vq_jax import losses, metrics, prior_losses
+from vq_jax.state import Components, PriorComponents, State, rng_stream
 
 Measurements = dict[str, jax.Array]
 
@@ -55,12 +55,17 @@ def last_layer_grad(features: jax.Array, kernel: jax.Array, grad_out: jax.Array)
     return vjp(grad_out.astype(jnp.float32))[0]
 
 
-def reconstruction_loss(s: LossSettings, x: jax.Array, recon: jax.Array) -> jax.Array:
+def reconstruction_loss(
+    s: LossSettings, x: jax.Array, recon: jax.Array, perceptual: Callable | None = None
+) -> jax.Array:
+    """l1 * |x - r| + l2 * (x - r)^2 + perceptual_weight * LPIPS(x, r): taming's `nll` term."""
     loss = jnp.zeros((), jnp.float32)
     if s.l1_weight:
         loss += s.l1_weight * losses.l1_loss(x, recon)
     if s.l2_weight:
         loss += s.l2_weight * losses.l2_loss(x, recon)
+    if s.perceptual_weight and perceptual is not None:
+        loss += s.perceptual_weight * perceptual(x, recon)
     return loss
 
 
@@ -84,7 +89,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
         (recon, qres), new_vars = model.apply(
             variables, x, train=True, rngs=rngs, mutable=["vq_stats", "intermediates"]
         )
-        rec = reconstruction_loss(s, x, recon)
+        rec = reconstruction_loss(s, x, recon, comps.perceptual)
         loss = rec + qres.loss
         aux: Measurements = {
             "rec_loss": rec,
@@ -97,6 +102,8 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             "perplexity": qres.perplexity,
             "usage": qres.usage,
         }
+        if comps.perceptual is not None:
+            aux["perceptual"] = comps.perceptual(x, recon)
         if disc is not None:
             features = new_vars["intermediates"]["decoder"]["conv_out_input"][0]
             kernel = params["decoder"]["conv_out"]["kernel"]
@@ -116,7 +123,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             g_adv = g_adv_fn(recon)
             if s.adaptive_weight:
                 # Gradients of the two terms w.r.t. the decoder's last-layer kernel, via d/d(recon).
-                rec_grad_img = jax.grad(lambda r: reconstruction_loss(s, x, r))(
+                rec_grad_img = jax.grad(lambda r: reconstruction_loss(s, x, r, comps.perceptual))(
                     jax.lax.stop_gradient(recon)
                 )
                 adv_grad_img = jax.grad(g_adv_fn)(jax.lax.stop_gradient(recon))
@@ -273,5 +280,91 @@ def make_eval_step(comps: Components) -> Callable[..., Measurements]:
         mask_tokens = jnp.broadcast_to(mask[:, None, None], qres.indices.shape)
         sums["code_counts"] = metrics.code_histogram(qres.indices, codebook_size, mask=mask_tokens)
         return sums
+
+    return eval_step
+
+
+# --- stage 2: the prior ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorSettings:
+    """The prior-training fields the step needs (from config.prior)."""
+
+    class_dropout: float = 0.0  # classifier-free guidance: labels -> null class
+    label_smoothing: float = 0.0  # maskgit
+
+
+def _prior_logits_and_loss(
+    comps: PriorComponents,
+    s: PriorSettings,
+    params: Any,
+    tokens: jax.Array,
+    labels: jax.Array | None,
+    key: jax.Array,
+    train: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, accuracy) of the prior on flattened token grids [B, L]."""
+    rngs = {"dropout": rng_stream(key, "dropout")} if train else {}
+    if comps.kind == "autoregressive":
+        logits = comps.model.apply({"params": params}, tokens, labels, train=train, rngs=rngs)
+        return prior_losses.ar_loss(logits, tokens)
+    masked, mask = prior_losses.maskgit_mask(rng_stream(key, "mask"), tokens, comps.model.mask_id)
+    logits = comps.model.apply({"params": params}, masked, labels, train=train, rngs=rngs)
+    return prior_losses.maskgit_loss(
+        logits, tokens, mask, label_smoothing=s.label_smoothing if train else 0.0
+    )
+
+
+def _prior_inputs(comps: PriorComponents, batch: dict[str, jax.Array]):
+    tokens = batch["tokens"].reshape(batch["tokens"].shape[0], -1)
+    labels = batch["label"] if comps.model.num_classes else None
+    return tokens, labels
+
+
+def make_prior_step(
+    comps: PriorComponents, s: PriorSettings, *, skip_nonfinite: bool = False
+) -> Callable[[State, dict[str, jax.Array], jax.Array], tuple[State, Measurements]]:
+    """`train_step(state, {'tokens': [B, h, w], 'label': [B]}, key) -> (state, measurements)`."""
+
+    def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array):
+        key = jax.random.fold_in(key, state["step"])
+        tokens, labels = _prior_inputs(comps, batch)
+        if labels is not None and s.class_dropout > 0:
+            labels = prior_losses.drop_labels(
+                rng_stream(key, "class_dropout"), labels, comps.model.num_classes, s.class_dropout
+            )
+
+        def loss_fn(params):
+            return _prior_logits_and_loss(comps, s, params, tokens, labels, key, train=True)
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = comps.tx.update(grads, state["opt_state"], state["params"])
+        new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state)
+        aux = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "perplexity": jnp.exp(loss),
+            "l2_grads": optax.tree.norm(grads),
+            "lr": comps.schedule(state["step"]),
+        }
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(aux["l2_grads"])
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+            aux["skipped"] = 1.0 - finite.astype(jnp.float32)
+        new["step"] = state["step"] + 1
+        return new, aux
+
+    return train_step
+
+
+def make_prior_eval_step(comps: PriorComponents, s: PriorSettings) -> Callable[..., Measurements]:
+    """`eval_step(params, batch, key) -> {'loss', 'accuracy'}` (no dropout; MaskGIT masks drawn
+    from the cosine schedule with `key`, so the held-out loss is comparable across evals)."""
+
+    def eval_step(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> Measurements:
+        tokens, labels = _prior_inputs(comps, batch)
+        loss, accuracy = _prior_logits_and_loss(comps, s, params, tokens, labels, key, False)
+        return {"loss": loss, "accuracy": accuracy}
 
     return eval_step
