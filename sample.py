@@ -1,10 +1,13 @@
-"""Use a trained tokenizer: reconstruct, encode a split to tokens, or decode tokens to images.
+"""Use a trained tokenizer or prior.
 
   python sample.py --workdir=W --mode=reconstruct --split=test --num=64 --out=recon.npz
   python sample.py --workdir=W --mode=encode --split=test --out=tokens.npz
   python sample.py --workdir=W --mode=decode --tokens=tokens.npz --out=decoded.npz
+  python sample.py --prior_workdir=P --mode=generate [--class=K] --num=N --seed=S --out=gen.npz
+  python sample.py --prior_workdir=P --mode=inpaint --split=test --num=8 --box=8,8,24,24 \
+      --out=inpaint.npz          # or --image=IMG.png --mask=MASK.png (white = fill in)
 
-Each .npz gets a PNG grid next to it. EMA parameters are used when the run kept them.
+Each .npz gets a PNG grid next to it. Tokenizer EMA parameters are used when the run kept them.
 """
 
 import os
@@ -15,8 +18,19 @@ from absl import app, flags, logging
 import vq_jax
 from vq_jax import api, metrics
 
-MODES = ("reconstruct", "encode", "decode")
+MODES = ("reconstruct", "encode", "decode", "generate", "inpaint")
+PRIOR_MODES = ("generate", "inpaint")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Tokenizer workdir (with checkpoints/).")
+_PRIOR = flags.DEFINE_string("prior_workdir", None, "Prior workdir (generate / inpaint).")
+_CLASS = flags.DEFINE_integer("class", None, "Class to generate (class-conditional priors).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_BOX = flags.DEFINE_list("box", None, "Inpainting box y0,x0,y1,x1 in pixels (split images).")
+_IMAGE = flags.DEFINE_string("image", None, "Inpainting: one image file.")
+_MASK = flags.DEFINE_string("mask", None, "Inpainting: mask image (white = fill in).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Override config.sampling.temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Override config.sampling.top_k.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Override config.sampling.top_p.")
+_CFG = flags.DEFINE_float("cfg_scale", None, "Override config.sampling.cfg_scale.")
 _MODE = flags.DEFINE_enum("mode", "reconstruct", MODES, "What to do.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split for reconstruct / encode.")
 _NUM = flags.DEFINE_integer(
@@ -27,7 +41,7 @@ _TOKENS = flags.DEFINE_string("tokens", None, "Token .npz (key 'indices' or 'tok
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.input.data_dir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size for encoding / decoding.")
-flags.mark_flags_as_required(["workdir", "out"])
+flags.mark_flags_as_required(["out"])
 
 
 def save(out: str, grid_images: np.ndarray, ncols: int, **arrays: np.ndarray) -> None:
@@ -43,8 +57,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; -v 0 brings it back
-    tok = vq_jax.load(_WORKDIR.value, _STEP.value)
     mode = _MODE.value
+    if mode in PRIOR_MODES:
+        if not _PRIOR.value:
+            raise app.UsageError(f"--mode={mode} needs --prior_workdir=P (a trained prior).")
+        return run_prior(mode, api.load_prior(_PRIOR.value, _STEP.value))
+    if not _WORKDIR.value:
+        raise app.UsageError(f"--mode={mode} needs --workdir=W (a trained tokenizer).")
+    tok = vq_jax.load(_WORKDIR.value, _STEP.value)
     if mode == "decode":
         if not _TOKENS.value:
             raise app.UsageError("--mode=decode needs --tokens=FILE.npz")
@@ -88,6 +108,68 @@ def main(argv: list[str]) -> None:
         reconstructions=rec,
         indices=indices_np,
         labels=labels_np,
+    )
+
+
+def read_png(path: str, shape: tuple[int, int, int]) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("L" if shape[2] == 1 else "RGB"))
+    return a[..., None] if a.ndim == 2 else a
+
+
+def run_prior(mode: str, prior: api.Prior) -> None:
+    overrides = dict(
+        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, cfg_scale=_CFG.value
+    )
+    tok = prior.tokenizer
+    if mode == "generate":
+        num = _NUM.value or 64
+        labels = _CLASS.value
+        images, tokens, labels = prior.generate(num, labels=labels, seed=_SEED.value, **overrides)
+        arrays = dict(images=images, tokens=tokens.astype(np.int32))
+        if labels is not None:
+            arrays["labels"] = labels.astype(np.int32)
+        ncols = 8 if labels is None or _CLASS.value is not None else prior.num_classes
+        save(_OUT.value, images, min(ncols, num), **arrays)
+        return
+    h, w = tok.image_shape[:2]
+    if _IMAGE.value:
+        if not _MASK.value:
+            raise app.UsageError("--image needs --mask=MASK.png (white = fill in)")
+        originals = read_png(_IMAGE.value, tok.image_shape)[None]
+        mask = read_png(_MASK.value, (h, w, 1))[None, ..., 0] > 127
+        labels = None if _CLASS.value is None else np.array([_CLASS.value])
+    else:
+        if not _BOX.value or len(_BOX.value) != 4:
+            raise app.UsageError("--mode=inpaint needs --box=y0,x0,y1,x1 or --image/--mask")
+        y0, x0, y1, x1 = map(int, _BOX.value)
+        originals, labels = [], []
+        for u8, _, lab in api.iterate_split(
+            tok, _SPLIT.value, num=_NUM.value or 8, data_dir=_DATA_DIR.value
+        ):
+            originals.append(u8)
+            labels.append(lab)
+        originals, labels = np.concatenate(originals), np.concatenate(labels)
+        mask = np.zeros((len(originals), h, w), bool)
+        mask[:, y0:y1, x0:x1] = True
+    if not prior.num_classes:
+        labels = None
+    completed, tokens, token_mask = prior.inpaint(
+        originals, mask, labels=labels, seed=_SEED.value, **overrides
+    )
+    masked = np.where(mask[..., None], np.uint8(128), originals)
+    n = len(originals)
+    save(
+        _OUT.value,
+        np.concatenate([originals, masked, completed]),
+        n,
+        originals=originals,
+        masked=masked,
+        completed=completed,
+        tokens=tokens.astype(np.int32),
+        token_mask=token_mask,
     )
 
 

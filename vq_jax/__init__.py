@@ -3,9 +3,10 @@
 The public API: names re-exported here, nothing defined.
 """
 
-from vq_jax.api import Tokenizer, load
+from vq_jax.api import Prior, Tokenizer, load, load_prior
 from vq_jax.nets.autoencoder import AttnBlock, Decoder, Encoder, ResnetBlock, downsample_factor
 from vq_jax.nets.discriminator import NLayerDiscriminator
+from vq_jax.nets.lpips import LPIPS, load_lpips_params
 from vq_jax.nets.quantizers import (
     FSQ,
     EMAVectorQuantizer,
@@ -13,15 +14,21 @@ from vq_jax.nets.quantizers import (
     VectorQuantizer,
     replace_dead_codes,
 )
+from vq_jax.nets.transformer import GPT, MaskGITTransformer
 from vq_jax.nets.vqmodel import VQModel
+from vq_jax.sampling import sample_autoregressive, sample_maskgit
 
 __all__ = [
     "FSQ",
+    "GPT",
+    "LPIPS",
     "AttnBlock",
     "Decoder",
     "EMAVectorQuantizer",
     "Encoder",
+    "MaskGITTransformer",
     "NLayerDiscriminator",
+    "Prior",
     "QuantizerResult",
     "ResnetBlock",
     "Tokenizer",
@@ -29,6 +36,10 @@ __all__ = [
     "VectorQuantizer",
     "downsample_factor",
     "load",
+    "load_lpips_params",
+    "load_prior",
     "replace_dead_codes",
+    "sample_autoregressive",
+    "sample_maskgit",
 ]
 __version__ = "0.1.0"

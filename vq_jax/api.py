@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,8 +28,17 @@ def config_from_dict(d: dict) -> mlc.ConfigDict:
     return mlc.ConfigDict(d)
 
 
-def restore_params(workdir: str, step: int | None = None, *, use_ema: bool = True):
-    """(config, params, model_state, step) of a tokenizer workdir's checkpoint."""
+def restore_state(
+    workdir: str,
+    make_init: Callable[[mlc.ConfigDict], Callable[[jax.Array], Any]],
+    step: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> tuple[mlc.ConfigDict, Any, int]:
+    """(config, state, step) of a workdir's checkpoint (the newest restorable one by default).
+
+    `make_init(config)` returns the state's init function, whose abstract output is the restore
+    target; arrays land on `sharding` (default: this process's first device).
+    """
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(
@@ -37,28 +47,43 @@ def restore_params(workdir: str, step: int | None = None, *, use_ema: bool = Tru
         )
     ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
     try:
-        steps = ckpt.steps()
-        if not steps:
+        if not ckpt.steps():
             raise FileNotFoundError(
                 f"{ckpt_dir} holds no complete checkpoint; train (or let training reach "
                 "train.checkpoint_every) first."
             )
         config = config_from_dict(ckpt.read_config(step))
-        comps = state_lib.build(config)
-        key = jax.random.key(config.seed)
-        init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = checkpoints.abstract_like(jax.eval_shape(init_fn, key), sharding)
+        init_fn = make_init(config)
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = checkpoints.abstract_like(
+            jax.eval_shape(init_fn, jax.random.key(config.seed)), sharding
+        )
         if step is None:
-            restored = ckpt.restore_latest(abstract)
-            assert restored is not None
-            step, state, _, _ = restored
+            step, state, _, _ = ckpt.restore_latest(abstract)
         else:
             state, _, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
+    return config, state, step
+
+
+def restore_params(
+    workdir: str,
+    step: int | None = None,
+    *,
+    use_ema: bool = True,
+    sharding: jax.sharding.Sharding | None = None,
+):
+    """(config, components, params, model_state, step) of a tokenizer workdir."""
+    built = {}
+
+    def make_init(config):
+        built["comps"] = comps = state_lib.build(config)
+        return functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
+
+    config, state, step = restore_state(workdir, make_init, step, sharding)
     params = state["ema_params"] if use_ema and "ema_params" in state else state["params"]
-    return config, comps, params, state["model_state"], step
+    return config, built["comps"], params, state["model_state"], step
 
 
 @dataclasses.dataclass
@@ -77,14 +102,23 @@ class Tokenizer:
         return (r, r, self.config.input.channels)
 
     @property
+    def codebook_size(self) -> int:
+        return self.model.quantizer.codebook_size
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.model.ch_mult) - 1)
+
+    @property
     def token_shape(self) -> tuple[int, int]:
-        f = 2 ** (len(self.config.model.ch_mult) - 1)
+        f = self.downsample_factor
         return (self.image_shape[0] // f, self.image_shape[1] // f)
 
     def _variables(self) -> dict:
         return {"params": self.params, **self.model_state}
 
-    def _as_float(self, images: np.ndarray) -> jax.Array:
+    def as_float(self, images: np.ndarray) -> jax.Array:
+        """uint8 [N,H,W,C] (or float in [-1, 1]) -> float32 in [-1, 1], shape checked."""
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[..., None] if self.image_shape[2] == 1 else images[None]
@@ -107,7 +141,7 @@ class Tokenizer:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,H,W,C] (or float in [-1, 1]) -> int32 token grids [N, h, w]."""
-        return np.asarray(self._encode(self._variables(), self._as_float(images)))
+        return np.asarray(self._encode(self._variables(), self.as_float(images)))
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """int32 token grids [N, h, w] -> uint8 images [N, H, W, C]."""
@@ -117,7 +151,7 @@ class Tokenizer:
                 f"tokens have shape {tokens.shape} but this tokenizer decodes [N, "
                 f"{self.token_shape[0]}, {self.token_shape[1]}] grids."
             )
-        size = self.model.quantizer.codebook_size
+        size = self.codebook_size
         if tokens.size and (tokens.min() < 0 or tokens.max() >= size):
             raise ValueError(
                 f"token values must lie in [0, {size}); got [{tokens.min()}, {tokens.max()}]."
@@ -129,9 +163,17 @@ class Tokenizer:
         return self.decode(self.encode(images))
 
 
-def load(workdir: str, step: int | None = None, *, use_ema: bool = True) -> Tokenizer:
+def load(
+    workdir: str,
+    step: int | None = None,
+    *,
+    use_ema: bool = True,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Tokenizer:
     """Loads the tokenizer trained in `workdir` (its EMA parameters when present)."""
-    config, comps, params, model_state, step = restore_params(workdir, step, use_ema=use_ema)
+    config, comps, params, model_state, step = restore_params(
+        workdir, step, use_ema=use_ema, sharding=sharding
+    )
     return Tokenizer(config, comps.model, params, model_state, step)
 
 
@@ -170,3 +212,139 @@ def iterate_split(
         yield to_uint8(images), images, np.asarray(batch["label"])[keep]
         if num is not None and seen >= num:
             break
+
+
+# --- stage 2 ------------------------------------------------------------------------------------
+
+
+def token_mask_from_pixels(pixel_mask: np.ndarray, factor: int) -> np.ndarray:
+    """Tokens whose f x f receptive block touches a masked pixel: bool [N,H,W] -> [N,H/f,W/f]."""
+    n, h, w = pixel_mask.shape
+    return pixel_mask.reshape(n, h // factor, factor, w // factor, factor).any(axis=(2, 4))
+
+
+@dataclasses.dataclass
+class Prior:
+    """A trained prior and the tokenizer whose tokens it models: generation and inpainting."""
+
+    config: mlc.ConfigDict
+    comps: Any  # state.PriorComponents
+    params: Any
+    tokenizer: Tokenizer
+    step: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.comps.model.num_classes
+
+    def _labels(self, num: int, labels: np.ndarray | int | None) -> jax.Array | None:
+        if not self.num_classes:
+            if labels is not None:
+                raise ValueError("This prior is unconditional; do not pass class labels.")
+            return None
+        if labels is None:
+            labels = np.arange(num) % self.num_classes
+        labels = np.broadcast_to(np.asarray(labels, np.int32), (num,))
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}); got {labels}.")
+        return jnp.asarray(labels)
+
+    def sample_tokens(
+        self,
+        num: int,
+        *,
+        labels=None,
+        seed: int = 0,
+        known_tokens=None,
+        known_mask=None,
+        **overrides,
+    ) -> np.ndarray:
+        """Token grids [num, h, w]; `known_*` ([num, h, w]) are kept fixed (inpainting)."""
+        from vq_jax import sampling  # deferred: only generation needs it
+
+        sc = self.config.sampling.copy_and_resolve_references()
+        for k, v in overrides.items():
+            if v is not None:
+                sc[k] = v
+        key = jax.random.key(seed)
+        lab = self._labels(num, labels)
+        flat = lambda a: None if a is None else jnp.asarray(np.asarray(a).reshape(num, -1))
+        if self.comps.kind == "autoregressive":
+            tokens = sampling.sample_autoregressive(
+                self.comps.model,
+                self.params,
+                key,
+                num,
+                labels=lab,
+                temperature=sc.temperature,
+                top_k=int(sc.top_k),
+                top_p=sc.top_p,
+                cfg_scale=float(sc.cfg_scale),
+                prefix=flat(known_tokens),
+                prefix_mask=flat(known_mask),
+            )
+        else:
+            tokens = sampling.sample_maskgit(
+                self.comps.model,
+                self.params,
+                key,
+                num,
+                labels=lab,
+                num_steps=int(sc.maskgit_steps),
+                temperature=sc.temperature,
+                choice_temperature=sc.choice_temperature,
+                cfg_scale=float(sc.cfg_scale),
+                known_tokens=flat(known_tokens),
+                known_mask=flat(known_mask),
+            )
+        return np.asarray(tokens).reshape(num, *self.comps.token_shape)
+
+    def generate(self, num: int, *, labels=None, seed: int = 0, **overrides):
+        """(uint8 images [num,H,W,C], tokens [num,h,w], labels [num] or None)."""
+        tokens = self.sample_tokens(num, labels=labels, seed=seed, **overrides)
+        lab = self._labels(num, labels)
+        return self.tokenizer.decode(tokens), tokens, None if lab is None else np.asarray(lab)
+
+    def inpaint(
+        self, images: np.ndarray, pixel_mask: np.ndarray, *, labels=None, seed: int = 0, **overrides
+    ):
+        """Resamples the tokens under `pixel_mask` (bool [N,H,W], True = fill in).
+
+        Returns (completed uint8 images, tokens, token_mask); tokens outside the mask are the
+        image's own and never change.
+        """
+        images = np.asarray(images)
+        h, w = self.tokenizer.image_shape[:2]
+        pixel_mask = np.asarray(pixel_mask, bool)
+        if pixel_mask.ndim == 2:
+            pixel_mask = np.broadcast_to(pixel_mask, (len(images), *pixel_mask.shape))
+        if pixel_mask.shape != (len(images), h, w):
+            raise ValueError(
+                f"the inpainting mask has shape {pixel_mask.shape[1:]} but the images are {h}x{w}; "
+                "give one mask pixel per image pixel (True = fill in)."
+            )
+        known = self.tokenizer.encode(images)
+        token_mask = token_mask_from_pixels(pixel_mask, self.tokenizer.downsample_factor)
+        tokens = self.sample_tokens(
+            len(images),
+            labels=labels,
+            seed=seed,
+            known_tokens=known,
+            known_mask=~token_mask,
+            **overrides,
+        )
+        return self.tokenizer.decode(tokens), tokens, token_mask
+
+
+def load_prior(prior_workdir: str, step: int | None = None) -> Prior:
+    """Loads a prior and the tokenizer named by its config (`tokenizer_workdir`)."""
+    built = {}
+
+    def make_init(config):
+        tok = load(config.tokenizer_workdir)
+        built["tok"] = tok
+        built["comps"] = comps = state_lib.build_prior(config, tok.token_shape, tok.codebook_size)
+        return functools.partial(state_lib.init_prior_state, comps)
+
+    config, state, step = restore_state(prior_workdir, make_init, step)
+    return Prior(config, built["comps"], state["params"], built["tok"], step)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import checkpoints, data, metrics
+from vq_jax import api, checkpoints, data, metrics
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
 from vq_jax.state import State
@@ -443,8 +443,188 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
     return Task(init_fn, make_step, make_train_iter, evaluate)
 
 
+class TokenSource:
+    """Random access over cached token grids: {'image': int32 [h, w], 'label'} (the pipeline's
+    keys; `TokenBatches` renames 'image' to 'tokens')."""
+
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray):
+        self._tokens, self._labels = tokens, labels.astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"image": self._tokens[i], "label": self._labels[i]}
+
+
+class TokenBatches:
+    """The input pipeline's iterator with its batches' 'image' key renamed to 'tokens'."""
+
+    def __init__(self, it: Any):
+        self._it = it
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        return {"tokens": batch["image"], "label": batch["label"]}
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+
+def cached_tokens(
+    tok: api.Tokenizer,
+    config: mlc.ConfigDict,
+    split: str,
+    cache_dir: str,
+    sharding: jax.NamedSharding,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The split's token grids and labels, tokenized once (batched, sharded) and cached as .npz."""
+    path = os.path.join(cache_dir, f"{split}.npz")
+    expected = tok.token_shape
+    if os.path.exists(path):
+        with np.load(path) as f:
+            tokens, labels = f["tokens"], f["labels"]
+        if tokens.shape[1:] == expected and int(f_step(path)) == tok.step:
+            return tokens, labels
+        print(f"token cache {path} is stale (other tokenizer or grid); re-tokenizing", flush=True)
+    if jax.process_index() == 0:
+        t0, chunks, labels_l = time.time(), [], []
+        bs = config.input.encode_batch_size
+        for i, (_, x, lab) in enumerate(
+            api.iterate_split(tok, split, batch_size=bs, data_dir=config.input.data_dir)
+        ):
+            n = len(x)
+            pad = (-n) % jax.device_count()
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+            idx = tok.encode(jax.device_put(x, sharding))[:n]
+            chunks.append(idx)
+            labels_l.append(lab)
+            if i % 10 == 0:
+                print(
+                    f"tokenizing {split}: {sum(map(len, chunks))} images "
+                    f"({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
+        tokens, labels = np.concatenate(chunks).astype(np.int32), np.concatenate(labels_l)
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, tokens=tokens, labels=labels, tokenizer_step=tok.step)
+        os.replace(tmp, path)  # atomic: a crash never leaves a partial cache
+        print(f"cached {len(tokens)} {split} token grids {tokens.shape[1:]} in {path}", flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"tokens_{split}")
+    with np.load(path) as f:
+        return f["tokens"], f["labels"]
+
+
+def f_step(path: str) -> int:
+    with np.load(path) as f:
+        return int(f["tokenizer_step"]) if "tokenizer_step" in f else -1
+
+
+def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Task:
+    """The stage-2 task: a prior over the frozen tokenizer's token grids."""
+    if not config.tokenizer_workdir:
+        raise ValueError(
+            "config.tokenizer_workdir is empty; point it at a trained tokenizer: "
+            "--config.tokenizer_workdir=W (a workdir written by train.py with a tokenizer config)."
+        )
+    state_lib.validate_batch_sizes(config)
+    repl = jax.NamedSharding(mesh, jax.P())
+    batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
+    tok = api.load(config.tokenizer_workdir, sharding=repl)
+    comps = state_lib.build_prior(config, tok.token_shape, tok.codebook_size)
+    ic, tc, pc = config.input, config.train, config.prior
+    cache = os.path.join(workdir, "tokens")
+    train_tokens, train_labels = cached_tokens(tok, config, ic.train_split, cache, batch_sharding)
+    eval_tokens, eval_labels = cached_tokens(tok, config, ic.eval_split, cache, batch_sharding)
+    if pc.num_classes and train_labels.max() >= pc.num_classes:
+        raise ValueError(
+            f"the dataset has labels up to {train_labels.max()} but config.prior.num_classes="
+            f"{pc.num_classes}; set it to {train_labels.max() + 1} (or 0 for unconditional)."
+        )
+    settings = steps_lib.PriorSettings(pc.class_dropout, pc.label_smoothing)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    is_main = pindex == 0
+
+    def make_train_iter():
+        it = data.make_train_iter(
+            TokenSource(train_tokens, train_labels),
+            batch_size=ic.batch_size // pcount,
+            seed=config.seed,
+            preprocess_fn=lambda t: t,
+            random_flip=False,
+            process_index=pindex,
+            process_count=pcount,
+            prefetch=ic.prefetch,
+        )
+        return TokenBatches(it)
+
+    def make_step(abstract):
+        repl_state = jax.tree.map(lambda _: repl, abstract)
+        return jax.jit(
+            steps_lib.make_prior_step(comps, settings, skip_nonfinite=tc.skip_nonfinite_steps),
+            in_shardings=(repl_state, batch_sharding, repl),
+            out_shardings=(repl_state, repl),
+            donate_argnums=0,
+        )
+
+    eval_step = jax.jit(
+        steps_lib.make_prior_eval_step(comps, settings),
+        in_shardings=(repl, batch_sharding, repl),
+        out_shardings=repl,
+    )
+    eval_key = state_lib.rng_stream(jax.random.key(config.seed), "prior_eval")
+
+    def evaluate(state: State, step: int, writer: metrics.MetricWriter) -> dict[str, float]:
+        t0 = time.time()
+        gb = ic.eval_batch_size
+        n_batches = len(eval_tokens) // gb
+        if tc.eval_batches:
+            n_batches = min(n_batches, tc.eval_batches)
+        lb = gb // pcount
+        sums = None
+        for b in range(n_batches):  # full global batches only: every example weighs the same
+            sl = slice(b * gb + pindex * lb, b * gb + (pindex + 1) * lb)
+            batch = to_global({"tokens": eval_tokens[sl], "label": eval_labels[sl]}, batch_sharding)
+            out = eval_step(state["params"], batch, jax.random.fold_in(eval_key, b))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        result = {k: float(v) / max(n_batches, 1) for k, v in jax.device_get(sums or {}).items()}
+        if "loss" in result:
+            result["perplexity"] = float(np.exp(result["loss"]))
+        result["eval_seconds"] = time.time() - t0
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        if is_main:
+            prior = api.Prior(config, comps, state["params"], tok, step)
+            per_class = config.sampling.samples_per_class
+            num = per_class * max(pc.num_classes, 1)
+            labels = np.repeat(np.arange(pc.num_classes), per_class) if pc.num_classes else None
+            images, _, _ = prior.generate(num, labels=labels, seed=config.seed)
+            grid = metrics.image_grid(images, ncols=per_class if pc.num_classes else 8)
+            save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
+            metrics.save_png(os.path.join(workdir, "eval", f"samples_step_{step}.png"), grid)
+            writer.write_images(step, "eval/samples", grid[None])
+            print(
+                f"eval step {step}: loss {result.get('loss', float('nan')):.4f} | accuracy "
+                f"{result.get('accuracy', float('nan')):.4f}",
+                flush=True,
+            )
+        return result
+
+    return Task(
+        functools.partial(state_lib.init_prior_state, comps), make_step, make_train_iter, evaluate
+    )
+
+
 def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains the model `config` describes; resumes from the newest checkpoint in `workdir`."""
+    """Trains the model `config` describes (a tokenizer, or a prior when it has `prior`);
+    resumes from the newest checkpoint in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
-    return run(tokenizer_task(config, workdir, mesh), config, workdir, mesh)
+    make_task = prior_task if "prior" in config else tokenizer_task
+    return run(make_task(config, workdir, mesh), config, workdir, mesh)
