@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -81,6 +82,7 @@ class Checkpointer:
         broken.
         """
         steps = self.steps()
+        broken: list[int] = []
         for step in reversed(steps):
             try:
                 state, data_state, config = self.restore(step, abstract_state)
@@ -96,7 +98,9 @@ class Checkpointer:
                         "fallback (config.train.checkpoint_fallback=True)."
                     ) from e
                 logging.warning("%s Falling back to the previous checkpoint.", msg)
+                broken.append(step)
                 continue
+            self._set_aside(broken)
             return step, state, data_state, config
         if steps:
             raise CheckpointError(
@@ -104,6 +108,20 @@ class Checkpointer:
                 "workdir or remove the damaged steps."
             )
         return None
+
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unrestorable steps to `<directory>_corrupt/` so training can save them anew;
+        nothing is deleted."""
+        if not steps or jax.process_index() != 0:
+            return
+        aside = self.directory + "_corrupt"
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            target = os.path.join(aside, f"{step}.{int(time.time())}")
+            os.replace(os.path.join(self.directory, str(step)), target)
+            logging.warning("Moved the unrestorable checkpoint step %d to %s.", step, target)
+        self._manager.reload()
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
