@@ -353,7 +353,8 @@ def run(task: Task, config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mes
                 final_eval = task.evaluate(state, done, writer)
             if not is_last and preemption.should_stop(done):
                 buffer.check(last_ckpt)
-                save(done)
+                if last_ckpt != done:
+                    save(done)
                 ckpt.wait()
                 print(f"preempted: saved checkpoint at step {done}; exiting", flush=True)
                 return final_eval
