@@ -7,6 +7,8 @@ Override any config field: --config.optimizer.generator.lr=1e-4. Restarting with
 workdir resumes from its newest checkpoint.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -25,5 +27,20 @@ def main(argv: list[str]) -> None:
     trainer.train(_CONFIG.value, _WORKDIR.value)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config-override mistakes reported in one line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        detail = str(e.args[0] if e.args else e)
+        detail = " ".join(detail.replace("\\n", " ").replace("\\'", "'").split())
+        if len(detail) > 1 and detail[0] == detail[-1] == "'":  # KeyError's repr quotes
+            detail = detail[1:-1]
+        sys.exit(
+            f"train.py: invalid config override: {detail}. Config files are locked: only "
+            "existing fields can be set, with values of their type; see the config file."
+        )
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
