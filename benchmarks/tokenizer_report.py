@@ -21,6 +21,7 @@ _WORKDIRS = flags.DEFINE_list("workdirs", None, "Tokenizer workdirs to compare."
 _NAMES = flags.DEFINE_list("names", None, "Display names, one per workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output path prefix.")
 _NUM = flags.DEFINE_integer("num", 10, "Test images in the grid.")
+_STEP = flags.DEFINE_integer("step", None, "Compare at this step (default: each run's last).")
 flags.mark_flags_as_required(["workdirs", "out"])
 
 CURVES = (
@@ -38,16 +39,19 @@ def read_jsonl(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def final_eval(workdir: str) -> dict:
-    files = glob.glob(os.path.join(workdir, "eval", "step_*.json"))
-    latest = max(files, key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
-    with open(latest) as f:
+def final_eval(workdir: str, step: int | None) -> dict:
+    if step is not None:
+        path = os.path.join(workdir, "eval", f"step_{step}.json")
+    else:
+        files = glob.glob(os.path.join(workdir, "eval", "step_*.json"))
+        path = max(files, key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
+    with open(path) as f:
         return json.load(f)
 
 
-def wall_minutes(rows: list[dict]) -> float:
-    """Training time implied by the logged rates (compile and eval excluded)."""
-    train = [r for r in rows if "train/steps_per_sec" in r]
+def wall_minutes(rows: list[dict], step: int) -> float:
+    """Training time up to `step` implied by the logged rates (compile and eval excluded)."""
+    train = [r for r in rows if "train/steps_per_sec" in r and r["step"] <= step]
     total, prev = 0.0, 0
     for r in train:
         total += (r["step"] - prev) / r["train/steps_per_sec"]
@@ -88,15 +92,15 @@ def main(argv):
     ]
     rows_by_name, grid_rows = {}, []
     for name, workdir in zip(names, workdirs, strict=True):
-        rows = read_jsonl(workdir)
+        ev = final_eval(workdir, _STEP.value)
+        rows = [r for r in read_jsonl(workdir) if r["step"] <= ev["step"]]
         rows_by_name[name] = rows
-        ev = final_eval(workdir)
         lines.append(
-            f"| {name} | {ev['step']} | {wall_minutes(rows):.1f} | {ev['psnr']:.2f} | "
+            f"| {name} | {ev['step']} | {wall_minutes(rows, ev['step']):.1f} | {ev['psnr']:.2f} | "
             f"{ev['ssim']:.4f} | {ev['codebook_usage']:.3f} | {ev['codes_used']} | "
             f"{ev['codebook_perplexity']:.1f} |"
         )
-        tok = vq_jax.load(workdir)
+        tok = vq_jax.load(workdir, ev["step"])
         u8, _, _ = next(api.iterate_split(tok, tok.config.input.eval_split, num=_NUM.value))
         if not grid_rows:
             grid_rows.append(u8)
