@@ -5,7 +5,8 @@ peak measured in the same run.
   python -m benchmarks.step --config=configs/vqvae.py:fashion_mnist
   python -m benchmarks.step --config=configs/vqgan.py:fashion_mnist --steps=20
 
-Runs on whatever devices JAX sees (set JAX_PLATFORMS=cpu to force the CPU).
+Runs on whatever devices JAX sees (set JAX_PLATFORMS=cpu to force the CPU). For configs with a
+discriminator the adversarial terms are switched on from step 0, so the full G + D step is timed.
 """
 
 import functools
@@ -99,6 +100,9 @@ def bench(config, num_steps: int) -> dict:
 def main(argv):
     del argv
     config = _CONFIG.value
+    if "discriminator" in config:  # time the full G + D step, not the warm-up branch
+        config.loss.disc_start = 0
+        config.loss.disc_train_start = 0
     if _BATCH.value:
         config.input.batch_size = _BATCH.value
     result = {"config": flags.FLAGS["config"].config_filename, **bench(config, _STEPS.value)}

@@ -68,10 +68,10 @@ def plot(rows_by_name: dict[str, list[dict]], path: str) -> None:
     keys = [k for k in CURVES if any(k in r for rows in rows_by_name.values() for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
     for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
-        for name, rows in rows_by_name.items():
+        for i, (name, rows) in enumerate(rows_by_name.items()):
             pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=name)
+            if pts:  # one colour per run in every panel
+                ax.plot(*zip(*pts, strict=True), label=name, color=f"C{i}")
         ax.set_title(key.split("/")[1], fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
