@@ -3,20 +3,17 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import chex
 import jax
 import numpy as np
 import pytest
+from subproc import run_script
 
 import vq_jax
 from configs import prior as prior_configs
 from configs import vqvae
 from vq_jax import api, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -112,49 +109,30 @@ def test_inpainting_keeps_known_tokens(prior_workdir):
 
 
 def test_sample_py_generate_and_inpaint(prior_workdir, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = str(tmp_path / "gen.npz")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "sample.py",
-            f"--prior_workdir={prior_workdir}",
-            "--mode=generate",
-            "--num=6",
-            "--seed=2",
-            f"--out={out}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_script(
+        "sample.py",
+        f"--prior_workdir={prior_workdir}",
+        "--mode=generate",
+        "--num=6",
+        "--seed=2",
+        f"--out={out}",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(out) as f:
         assert f["images"].shape == (6, 16, 16, 1) and f["images"].dtype == np.uint8
         assert f["tokens"].shape == (6, 8, 8)
         np.testing.assert_array_equal(f["labels"], np.arange(6) % 10)
     assert os.path.exists(str(tmp_path / "gen.png"))
     out = str(tmp_path / "inp.npz")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "sample.py",
-            f"--prior_workdir={prior_workdir}",
-            "--mode=inpaint",
-            "--split=test",
-            "--num=2",
-            "--box=0,0,8,16",
-            f"--out={out}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_script(
+        "sample.py",
+        f"--prior_workdir={prior_workdir}",
+        "--mode=inpaint",
+        "--split=test",
+        "--num=2",
+        "--box=0,0,8,16",
+        f"--out={out}",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(out) as f:
         assert f["completed"].shape == f["originals"].shape == (2, 16, 16, 1)
         assert f["token_mask"][:, :4].all() and not f["token_mask"][:, 4:].any()

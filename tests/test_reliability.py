@@ -13,34 +13,18 @@ import chex
 import jax
 import numpy as np
 import pytest
+from subproc import ROOT, run_script, script_env, train_args
 
 import vq_jax
 from configs import vqgan, vqvae
 from vq_jax import checkpoints, trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = [  # tiny config, long enough to interrupt
     "--config.train.steps=120",
     "--config.train.checkpoint_every=10",
     "--config.train.log_every=10",
     "--config.train.eval_every=1000",
 ]
-
-
-def _env(devices=4):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def _train_cmd(config, workdir, *extra):
-    return [
-        sys.executable,
-        "train.py",
-        f"--config=configs/{config}.py:tiny",
-        f"--workdir={workdir}",
-        *extra,
-    ]
 
 
 def _committed_steps(workdir):
@@ -55,7 +39,12 @@ def _start_and_signal(cmd, sig, after_line, workdir):
     """Starts `cmd`; once stdout shows `after_line` and a checkpoint is committed, sends `sig`.
     Returns (returncode, stdout)."""
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, *cmd],
+        cwd=ROOT,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     out = []
     try:
@@ -84,15 +73,7 @@ def _params(workdir):
 def uninterrupted(tmp_path_factory):
     """The reference: the same 120-step VQGAN run without interruption."""
     workdir = str(tmp_path_factory.mktemp("straight"))
-    proc = subprocess.run(
-        _train_cmd("vqgan", workdir, *LONG),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(*train_args("vqgan", workdir, *LONG))
     return _params(workdir)
 
 
@@ -100,7 +81,7 @@ def uninterrupted(tmp_path_factory):
 def test_interrupted_run_resumes_bit_identically(tmp_path, uninterrupted, sig):
     """VQGAN (D, both optimizers, loss state, data position): kill, restart, same params."""
     workdir = str(tmp_path / "w")
-    rc, out = _start_and_signal(_train_cmd("vqgan", workdir, *LONG), sig, "step 20/120", workdir)
+    rc, out = _start_and_signal(train_args("vqgan", workdir, *LONG), sig, "step 20/120", workdir)
     if sig == signal.SIGKILL:
         assert rc == -signal.SIGKILL, out[-2000:]
     else:
@@ -109,15 +90,7 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, uninterrupted, sig):
         saved = int(out.split("preempted: saved checkpoint at step ")[1].split(";")[0])
         assert 20 <= saved < 120
         assert saved in checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")).steps()
-    proc = subprocess.run(
-        _train_cmd("vqgan", workdir, *LONG),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script(*train_args("vqgan", workdir, *LONG))
     assert "resumed from checkpoint step" in proc.stdout
     step, params = _params(workdir)
     assert step == uninterrupted[0] == 120
@@ -128,11 +101,7 @@ def test_restore_across_device_counts(tmp_path):
     """2 steps on 1 device, 2 more on 4 devices, 2 more on 1 device: all restores work."""
     workdir = str(tmp_path / "w")
     for devices, steps in ((1, 2), (4, 4), (1, 6)):
-        cmd = _train_cmd("vqvae", workdir, f"--config.train.steps={steps}")
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_script(*train_args("vqvae", workdir, f"--config.train.steps={steps}"), devices=devices)
     assert _params(workdir)[0] == 6
 
 
@@ -211,14 +180,7 @@ def _raises(config, match, workdir):
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
-    proc = subprocess.run(
-        _train_cmd("vqvae", tmp_path, "--config.train.stepz=3"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script(*train_args("vqvae", tmp_path, "--config.train.stepz=3"), check=False)
     assert proc.returncode == 1
     assert "invalid config override" in proc.stderr and 'Did you mean "steps"' in proc.stderr
     assert "Traceback" not in proc.stderr

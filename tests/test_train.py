@@ -2,40 +2,23 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import jax
 import numpy as np
 import pytest
+from subproc import run_script, train_args
 
 import vq_jax
 from configs import vqvae
 from vq_jax import checkpoints, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, timeout=300, **kw):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kw,
-    )
 
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
     """One real `train.py` run of the tiny VQ-VAE config (4 steps)."""
     workdir = str(tmp_path_factory.mktemp("vqvae_tiny"))
-    proc = _run(["train.py", "--config=configs/vqvae.py:tiny", f"--workdir={workdir}"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script(*train_args("vqvae", workdir))
     assert "step 4/4" in proc.stdout  # the progress line
     return workdir
 
@@ -59,17 +42,14 @@ def test_train_writes_checkpoints_metrics_and_eval(trained_workdir):
 
 def test_sample_reconstruct_encode_decode(trained_workdir, tmp_path):
     out = str(tmp_path / "recon.npz")
-    proc = _run(
-        [
-            "sample.py",
-            f"--workdir={trained_workdir}",
-            "--mode=reconstruct",
-            "--split=test",
-            "--num=6",
-            f"--out={out}",
-        ]
+    run_script(
+        "sample.py",
+        f"--workdir={trained_workdir}",
+        "--mode=reconstruct",
+        "--split=test",
+        "--num=6",
+        f"--out={out}",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(out) as f:
         assert f["originals"].shape == f["reconstructions"].shape == (6, 16, 16, 1)
         assert f["originals"].dtype == f["reconstructions"].dtype == np.uint8
@@ -79,31 +59,25 @@ def test_sample_reconstruct_encode_decode(trained_workdir, tmp_path):
     assert os.path.exists(str(tmp_path / "recon.png"))
 
     tokens = str(tmp_path / "tokens.npz")
-    proc = _run(
-        [
-            "sample.py",
-            f"--workdir={trained_workdir}",
-            "--mode=encode",
-            "--split=test",
-            f"--out={tokens}",
-        ]
+    run_script(
+        "sample.py",
+        f"--workdir={trained_workdir}",
+        "--mode=encode",
+        "--split=test",
+        f"--out={tokens}",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(tokens) as f:
         assert f["indices"].shape[0] == 64  # the whole synthetic test split
         np.testing.assert_array_equal(f["indices"][:6], indices)
 
     decoded = str(tmp_path / "decoded.npz")
-    proc = _run(
-        [
-            "sample.py",
-            f"--workdir={trained_workdir}",
-            "--mode=decode",
-            f"--tokens={out}",
-            f"--out={decoded}",
-        ]
+    run_script(
+        "sample.py",
+        f"--workdir={trained_workdir}",
+        "--mode=decode",
+        f"--tokens={out}",
+        f"--out={decoded}",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(decoded) as f, np.load(out) as g:
         np.testing.assert_array_equal(f["images"], g["reconstructions"])
 
