@@ -97,6 +97,19 @@ def make_mesh() -> jax.sharding.Mesh:
     )
 
 
+def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, abstract_state: Any) -> Callable:
+    """`step_fn(state, batch, key)` jitted over `mesh`: state replicated and donated, batch split
+    on `data`, measurements replicated."""
+    repl = jax.NamedSharding(mesh, jax.P())
+    state_sharding = jax.tree.map(lambda _: repl, abstract_state)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, jax.NamedSharding(mesh, jax.P(DATA_AXIS)), repl),
+        out_shardings=(state_sharding, repl),
+        donate_argnums=0,
+    )
+
+
 def jit_train_step(
     comps: state_lib.Components,
     settings: steps_lib.LossSettings,
@@ -105,15 +118,9 @@ def jit_train_step(
     *,
     skip_nonfinite: bool = False,
 ):
-    """The train step jitted over `mesh`: state replicated and donated, batch split on `data`."""
-    repl = jax.NamedSharding(mesh, jax.P())
-    state_sharding = jax.tree.map(lambda _: repl, abstract_state)
-    return jax.jit(
-        steps_lib.make_tokenizer_step(comps, settings, skip_nonfinite=skip_nonfinite),
-        in_shardings=(state_sharding, jax.NamedSharding(mesh, jax.P(DATA_AXIS)), repl),
-        out_shardings=(state_sharding, repl),
-        donate_argnums=0,
-    )
+    """The tokenizer train step, jitted and sharded by `jit_step`."""
+    step_fn = steps_lib.make_tokenizer_step(comps, settings, skip_nonfinite=skip_nonfinite)
+    return jit_step(step_fn, mesh, abstract_state)
 
 
 def loss_settings(config: mlc.ConfigDict) -> steps_lib.LossSettings:
@@ -488,7 +495,8 @@ def cached_tokens(
     if os.path.exists(path):
         with np.load(path) as f:
             tokens, labels = f["tokens"], f["labels"]
-        if tokens.shape[1:] == expected and int(f_step(path)) == tok.step:
+            made_by = int(f["tokenizer_step"]) if "tokenizer_step" in f else -1
+        if tokens.shape[1:] == expected and made_by == tok.step:
             return tokens, labels
         print(f"token cache {path} is stale (other tokenizer or grid); re-tokenizing", flush=True)
     if jax.process_index() == 0:
@@ -521,11 +529,6 @@ def cached_tokens(
         multihost_utils.sync_global_devices(f"tokens_{split}")
     with np.load(path) as f:
         return f["tokens"], f["labels"]
-
-
-def f_step(path: str) -> int:
-    with np.load(path) as f:
-        return int(f["tokenizer_step"]) if "tokenizer_step" in f else -1
 
 
 def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Task:
@@ -567,12 +570,9 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
         return TokenBatches(it)
 
     def make_step(abstract):
-        repl_state = jax.tree.map(lambda _: repl, abstract)
-        return jax.jit(
-            steps_lib.make_prior_step(comps, settings, skip_nonfinite=tc.skip_nonfinite_steps),
-            in_shardings=(repl_state, batch_sharding, repl),
-            out_shardings=(repl_state, repl),
-            donate_argnums=0,
+        skip = tc.skip_nonfinite_steps
+        return jit_step(
+            steps_lib.make_prior_step(comps, settings, skip_nonfinite=skip), mesh, abstract
         )
 
     eval_step = jax.jit(
