@@ -109,7 +109,6 @@ class Checkpointer:
             )
         return None
 
-
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unrestorable steps to `<directory>_corrupt/` so training can save them anew;
         nothing is deleted."""
