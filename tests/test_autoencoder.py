@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from params_util import fast_init, randn
 
 from vq_jax.nets.autoencoder import (
     AttnBlock,
@@ -85,32 +86,6 @@ def np_attn_block(p, x, groups):
     att = np_softmax(np.einsum("bic,bjc->bij", q, k) / np.sqrt(c))
     out = lin("proj_out", np.einsum("bij,bjc->bic", att, v))
     return np.asarray(x, np.float64) + out.reshape(b, hh, ww, c)
-
-
-def randn(seed, shape):
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-
-
-def fast_init(module, *args):
-    """Params with the module's exact tree/shapes/dtypes, filled by numpy (skips slow RNG init).
-
-    Kernels ~ N(0, 1/fan_in), norm scales ~ 1 + noise, biases ~ small noise.
-    """
-    shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path[-1:])
-        noise = rng.standard_normal(leaf.shape)
-        if "kernel" in name:
-            value = noise / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif "scale" in name:
-            value = 1.0 + 0.1 * noise
-        else:
-            value = 0.1 * noise
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def all_float32(tree):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from params_util import fast_init, randn
 
 from vq_jax.nets.discriminator import NLayerDiscriminator
 
@@ -73,29 +74,6 @@ def np_discriminator(params, x, n_layers, norm, groups):
     return np_conv(h, p["kernel"], p["bias"], 1, 1), feats
 
 
-def randn(seed, shape):
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-
-
-def random_params(disc, x):
-    """Variables with the exact tree/shapes of real init, filled from numpy (fast, varied norms)."""
-    shapes = jax.eval_shape(disc.init, jax.random.key(0), x)
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        noise = rng.standard_normal(leaf.shape)
-        name = jax.tree_util.keystr(path[-1:])
-        if "kernel" in name:
-            value = noise / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif "scale" in name:
-            value = 1.0 + 0.1 * noise
-        else:
-            value = 0.1 * noise
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_shapes_features_dtypes(size, dtype):
@@ -134,7 +112,7 @@ def test_matches_numpy(norm):
     n_layers, groups = 2, 4
     disc = NLayerDiscriminator(ndf=8, n_layers=n_layers, norm=norm, num_groups=groups)
     x = randn(0, (2, 16, 16, 3))
-    variables = random_params(disc, x)
+    variables = fast_init(disc, x)
     params = variables["params"]
     # Convs followed by a norm carry no bias; the first and last conv always do.
     assert ("bias" in params["conv_1"]) == (norm == "none")
@@ -151,7 +129,7 @@ def test_per_example_and_sharding_invariant():
     """GroupNorm makes each example's logits independent of batch composition and sharding."""
     disc = NLayerDiscriminator(ndf=8, n_layers=2, num_groups=4)
     x = randn(0, (4, 16, 16, 3))
-    variables = random_params(disc, x)
+    variables = fast_init(disc, x)
     apply = jax.jit(disc.apply)
     full = apply(variables, x)
     single = apply(variables, x[1:2])
@@ -167,7 +145,7 @@ def test_real_init():
     disc = NLayerDiscriminator(ndf=8, n_layers=2, num_groups=4, dtype=jnp.bfloat16)
     x = jnp.zeros((1, 16, 16, 3))
     variables = jax.jit(disc.init)(jax.random.key(0), x)
-    chex.assert_trees_all_equal_shapes_and_dtypes(variables, random_params(disc, x))
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables, fast_init(disc, x))
     # DCGAN-style N(0, 0.02) kernels.
     kernel = np.asarray(variables["params"]["conv_2"]["kernel"])
     assert 0.015 < kernel.std() < 0.025

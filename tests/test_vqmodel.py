@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from params_util import fast_init
 
 from vq_jax.nets.quantizers import FSQ, EMAVectorQuantizer, VectorQuantizer
 from vq_jax.nets.vqmodel import VQModel
@@ -20,32 +21,6 @@ def make_quantizer(kind, dtype=jnp.float32):
     if kind == "ema":
         return EMAVectorQuantizer(codebook_size=16, embed_dim=3, dtype=dtype)
     return FSQ(levels=(5, 3, 3), dtype=dtype)
-
-
-def fast_init(model, x):
-    """Variables with the model's exact tree/shapes/dtypes, filled from numpy (skips slow RNG init).
-
-    EMA stats follow the quantizer's own invariant: cluster_size = 1 and embed_sum = codebook.
-    """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        names = [jax.tree_util.keystr((p,)) for p in path]
-        noise = rng.standard_normal(leaf.shape)
-        if "kernel" in names[-1]:
-            value = noise / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif "scale" in names[-1]:
-            value = 1.0 + 0.1 * noise
-        elif "cluster_size" in names[-1]:
-            value = np.ones(leaf.shape)
-        elif "codebook" in names[-1] or "embed_sum" in names[-1]:
-            value = 0.5 * np.random.default_rng(1).standard_normal(leaf.shape)
-        else:
-            value = 0.1 * noise
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def images(seed, shape):
