@@ -106,18 +106,25 @@ def test_each_epoch_is_a_new_permutation():
     assert not np.array_equal(epochs[0], np.arange(n))  # actually shuffled
 
 
-def test_process_shards_are_disjoint_and_cover_split():
-    n, count, bs = 20, 3, 4
-    seen = []
-    for p in range(count):
-        it = train_iter(IndexSource(n), batch_size=bs, process_index=p, process_count=count)
-        shard = len(range(p, n, count))
-        assert it.shard_size == shard
-        first_epoch = labels_of(take(it, -(-shard // bs)))[:shard]
-        assert sorted(first_epoch.tolist()) == list(range(p, n, count))
-        seen.append(set(first_epoch.tolist()))
-    assert set.union(*seen) == set(range(n))
-    assert sum(len(s) for s in seen) == n
+def test_processes_read_their_rows_of_the_single_process_batches():
+    n, count, bs = 20, 3, 2  # global batch 6: epochs end mid-batch
+    kwargs = dict(seed=5, random_flip=True)
+    single = take(train_iter(IndexSource(n), batch_size=bs * count, **kwargs), 7)
+    per_process = [
+        take(
+            train_iter(
+                IndexSource(n), batch_size=bs, process_index=p, process_count=count, **kwargs
+            ),
+            7,
+        )
+        for p in range(count)
+    ]
+    for j, batch in enumerate(single):  # global batch j = the processes' batches j, in order
+        for key in batch:
+            joined = np.concatenate([batches[j][key] for batches in per_process])
+            np.testing.assert_array_equal(joined, batch[key])
+    first_epoch = labels_of(single)[:n]  # covered exactly once across the processes
+    assert sorted(first_epoch.tolist()) == list(range(n))
 
 
 def test_random_flip_mirrors_some_images():
@@ -141,7 +148,7 @@ def test_state_round_trip_restores_exact_stream(prefetch):
     take(it, k)
     state = json.loads(json.dumps(it.get_state()))
     assert state["batches"] == k
-    assert (state["epoch"], state["offset"]) == divmod(k * bs, 5)
+    assert (state["epoch"], state["offset"]) == divmod(k * bs * 2, n)  # of the global stream
     expected = take(it, m)
 
     fresh = train_iter(IndexSource(n), process_index=1, process_count=2, **kwargs)
@@ -150,9 +157,36 @@ def test_state_round_trip_restores_exact_stream(prefetch):
     chex.assert_trees_all_equal(take(fresh, m), expected)
     assert fresh.get_state()["batches"] == k + m
 
+    # A checkpoint keeps process 0's state; it positions every process.
+    zero = train_iter(IndexSource(n), process_index=0, process_count=2, **kwargs)
+    take(zero, k)
+    fresh = train_iter(IndexSource(n), process_index=1, process_count=2, **kwargs)
+    fresh.set_state(json.loads(json.dumps(zero.get_state())))
+    chex.assert_trees_all_equal(take(fresh, m), expected)
+
     other = train_iter(IndexSource(n), process_index=1, process_count=2, batch_size=2)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="global_batch_size"):
         other.set_state(state)
+
+
+def test_state_saved_before_global_streams_still_restores():
+    it = train_iter(IndexSource(10), batch_size=4, seed=2)
+    take(it, 3)
+    expected = take(it, 2)
+    legacy = {  # the format of single-process checkpoints written before streams were global
+        "batches": 3,
+        "epoch": 1,
+        "offset": 2,
+        "grain": {"next_index": 3},
+        "seed": 2,
+        "batch_size": 4,
+        "process_index": 0,
+        "process_count": 1,
+        "shard_size": 10,
+    }
+    fresh = train_iter(IndexSource(10), batch_size=4, seed=2)
+    fresh.set_state(legacy)
+    chex.assert_trees_all_equal(take(fresh, 2), expected)
 
 
 # ------------------------------------------------------------------ eval batches

@@ -2,7 +2,7 @@
 
 Sources are random-access sequences of ``{'image': uint8 [H, W, C], 'label': int32}`` chosen by a
 dataset string (see :func:`make_source`). :func:`make_train_iter` turns a source into an infinite,
-deterministic, checkpointable iterator of fixed-shape batches for one process;
+deterministic, checkpointable iterator of one process's rows of layout-independent global batches;
 :func:`make_eval_batches` covers a split exactly once across processes with padded, masked batches.
 
 Nothing here takes a config object: callers pass plain values (e.g. ``config.input.*`` fields).
@@ -549,9 +549,10 @@ def make_preprocess_fn(
 # ----------------------------------------------------------------------------------------------
 
 
-def _derive_seeds(seed: int, process_index: int) -> tuple[int, int]:
-    """Independent uint32 seeds (shuffle, augmentation) for one process."""
-    shuffle_seed, aug_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
+def _derive_seeds(seed: int) -> tuple[int, int]:
+    """Independent uint32 seeds (shuffle, augmentation) of the training stream."""
+    # The trailing 0 keeps the seeds (and so the stream) of runs made before streams were global.
+    shuffle_seed, aug_seed = np.random.SeedSequence([seed, 0]).generate_state(2)
     return int(shuffle_seed), int(aug_seed)
 
 
@@ -582,10 +583,13 @@ def _check_sharding(
 class TrainIterator(grain.DatasetIterator):
     """Infinite batch iterator with a small JSON-serialisable, exactly restorable state.
 
-    State: {'batches': batches returned so far, 'epoch': epoch of the next example,
-    'offset': its position within the epoch, 'grain': grain's own iterator state, and the
-    pipeline parameters (seed, batch_size, process_index, process_count, shard_size) that
-    ``set_state`` checks so a state is never applied to a differently configured pipeline}.
+    State: {'batches': batches returned so far, 'epoch': epoch of the next example of the
+    global stream, 'offset': its position within that epoch, 'grain': grain's own iterator
+    state (a batch count), and the pipeline parameters (seed, global_batch_size,
+    num_examples) that ``set_state`` checks so a state is never applied to a differently
+    configured pipeline}. Every process of a run is at the same position of the same global
+    stream, so one process's state (the one a checkpoint keeps) restores every process, under
+    any process layout with the same global batch size.
     """
 
     def __init__(self, parent: grain.DatasetIterator, *, params: dict[str, int]):
@@ -599,12 +603,12 @@ class TrainIterator(grain.DatasetIterator):
         return batch
 
     @property
-    def shard_size(self) -> int:
-        return self._params["shard_size"]
+    def num_examples(self) -> int:
+        return self._params["num_examples"]
 
     def get_state(self) -> dict[str, Any]:
-        examples = self._batches * self._params["batch_size"]
-        epoch, offset = divmod(examples, self._params["shard_size"])
+        examples = self._batches * self._params["global_batch_size"]
+        epoch, offset = divmod(examples, self._params["num_examples"])
         return {
             "batches": self._batches,
             "epoch": epoch,
@@ -614,18 +618,51 @@ class TrainIterator(grain.DatasetIterator):
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        state = _upgrade_state(state)
         changed = {k: (state.get(k), v) for k, v in self._params.items() if state.get(k) != v}
         if changed:
             desc = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in changed.items())
             raise ValueError(
                 f"Data iterator state does not match this pipeline ({desc}). Restore with the same "
-                "dataset, batch size, seed and process layout, or start the data iterator fresh."
+                "dataset, global batch size and seed, or start the data iterator fresh."
             )
         self._parent.set_state(state["grain"])
         self._batches = int(state["batches"])
 
     def __str__(self) -> str:
         return f"TrainIterator({self._params})"
+
+
+def _upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state saved before the stream was global (single-process runs: the same stream)."""
+    if "global_batch_size" in state or state.get("process_count", 1) != 1:
+        return state
+    return {**state, "global_batch_size": state["batch_size"], "num_examples": state["shard_size"]}
+
+
+class _ProcessRows(grain.MapDataset):
+    """One process's rows of every global batch of an (infinite) example stream.
+
+    With b = batch_size rows per process and P processes, this process's element k is the
+    stream's element (k // b) * b * P + process_index * b + k % b: global batch j is the
+    concatenation, in process order, of every process's local batch j.
+    """
+
+    def __init__(self, parent: grain.MapDataset, *, batch_size: int, index: int, count: int):
+        super().__init__(parent)
+        self._b, self._index, self._count = batch_size, index, count
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        rows, row = divmod(index, self._b)
+        return self._parent[(rows * self._count + self._index) * self._b + row]
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(batch_size={self._b}, index={self._index}, count={self._count})"
 
 
 def make_train_iter(
@@ -642,32 +679,35 @@ def make_train_iter(
 ) -> TrainIterator:
     """Infinite iterator of {'image': f32 [b, H, W, C], 'label': i32 [b]} for this process.
 
-    The process reads the disjoint shard ``source[process_index::process_count]``, reshuffled
-    each epoch (grain index shuffle seeded by ``seed``, ``process_index`` and the epoch); batches
-    run across epoch boundaries so every batch is full. ``prefetch`` batches are prepared ahead
-    by ``num_threads`` threads (prefetch=0: synchronous). Use get_state/set_state to checkpoint.
+    One global stream, independent of the process layout: the whole source reshuffled each
+    epoch (grain index shuffle seeded by ``seed`` and the epoch; flips seeded by ``seed`` and
+    the stream position), cut into global batches of ``batch_size * process_count`` examples
+    that run across epoch boundaries so every batch is full. Each process reads and
+    preprocesses only its ``batch_size`` rows of each global batch (process p: rows
+    ``p * batch_size`` to ``(p + 1) * batch_size``), so N processes see exactly the global
+    batches one process would. ``prefetch`` batches are prepared ahead by ``num_threads``
+    threads (prefetch=0: synchronous). Use get_state/set_state to checkpoint.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if prefetch < 0 or num_threads < 0:
         raise ValueError(f"prefetch and num_threads must be >= 0, got {prefetch}, {num_threads}")
-    _check_sharding(len(source), process_index, process_count, min_examples=process_count)
-    shuffle_seed, aug_seed = _derive_seeds(seed, process_index)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    shard_size = len(ds)
-    ds = ds.shuffle(seed=shuffle_seed).repeat()
+    _check_sharding(len(source), process_index, process_count, min_examples=1)
+    shuffle_seed, aug_seed = _derive_seeds(seed)
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+    # Lazy: only the elements _ProcessRows asks for are read, preprocessed and flipped.
     ds = ds.map(functools.partial(_apply_preprocess, preprocess_fn=preprocess_fn))
-    if random_flip:
+    if random_flip:  # seeded by the global stream position: the same under any layout
         ds = ds.random_map(_random_flip, seed=aug_seed)
+    if process_count > 1:
+        ds = _ProcessRows(ds, batch_size=batch_size, index=process_index, count=process_count)
     ds = ds.batch(batch_size, drop_remainder=True)
     threads = min(num_threads, prefetch) if prefetch > 0 else 0
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
     params = {
         "seed": int(seed),
-        "batch_size": int(batch_size),
-        "process_index": int(process_index),
-        "process_count": int(process_count),
-        "shard_size": int(shard_size),
+        "global_batch_size": int(batch_size * process_count),
+        "num_examples": len(source),
     }
     return TrainIterator(iter(ds.to_iter_dataset(read_options)), params=params)
 
