@@ -3,6 +3,9 @@
 Usage: `python train.py --config=configs/vqvae.py[:VARIANT] --workdir=W`, VARIANT in
   (none)         accelerator recipe: taming's f16 design on ImageNet 256x256 (tfds:imagenet2012).
   fashion_mnist  the CPU-sized embedded default: 32x32 padded Fashion-MNIST, f4 -> 8x8 tokens.
+  taming_cpu     the shapes of the CPU speed comparison with taming-transformers (BENCHMARKS.md):
+                 32x32x1 Fashion-MNIST, ch 64, ch_mult (1,2,2), 2 res blocks, attention at 8x8,
+                 z 64, 512 codes, plain VQ, Adam, batch 64, float32.
   tiny           a few-second configuration for tests.
 Any field can be overridden on the command line, e.g. `--config.optimizer.generator.lr=1e-4`;
 unknown keys are rejected.
@@ -10,7 +13,7 @@ unknown keys are rejected.
 
 import ml_collections as mlc
 
-VARIANTS = ("default", "fashion_mnist", "tiny")
+VARIANTS = ("default", "fashion_mnist", "taming_cpu", "tiny")
 
 
 def _optimizer(lr: float, *, b1: float = 0.5, b2: float = 0.9) -> mlc.ConfigDict:
@@ -138,6 +141,30 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.train.update(
             steps=2000, log_every=100, eval_every=1000, checkpoint_every=500, ema_decay=0.0
         )
+    elif variant == "taming_cpu":
+        c.input.update(
+            dataset="fashion_mnist",
+            train_split="train",
+            eval_split="test",
+            resolution=32,
+            channels=1,
+            resize="pad",
+            random_flip=False,
+            batch_size=64,
+            eval_batch_size=500,
+        )
+        c.model.update(
+            ch=64,
+            ch_mult=(1, 2, 2),
+            num_res_blocks=2,
+            attn_resolutions=(8,),
+            z_channels=64,
+            num_groups=32,
+            dtype="float32",
+        )
+        c.quantizer.update(kind="vq", codebook_size=512, embed_dim=64)
+        c.optimizer.generator = _optimizer(1e-3, b1=0.9, b2=0.999)
+        c.train.update(steps=2000, log_every=100, eval_every=1000, checkpoint_every=500)
     elif variant == "tiny":
         c.input.update(
             dataset="synthetic",
