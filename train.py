@@ -5,6 +5,13 @@
 
 Override any config field: --config.optimizer.generator.lr=1e-4. Restarting with the same
 workdir resumes from its newest checkpoint.
+
+Multi-process (one process per host or per GPU; see README "Multi-host"):
+
+  python train.py ... --coordinator_address=HOST0:1234 --num_processes=N --process_id=I
+  python train.py ... --distributed=on     # Cloud TPU VM pod: JAX finds the other workers
+
+SLURM steps (`srun`) with more than one task are detected without flags.
 """
 
 import sys
@@ -12,11 +19,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vq_jax import trainer
+from vq_jax import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evals.")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -24,6 +32,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; -v 0 brings it back
+    try:  # before anything touches a device
+        distributed.initialize(distributed.settings_from_flags(flags.FLAGS))
+    except distributed.DistributedConfigError as e:
+        sys.exit(f"train.py: {e}")
     trainer.train(_CONFIG.value, _WORKDIR.value)
 
 
