@@ -177,6 +177,18 @@ def load(
     return Tokenizer(config, comps.model, params, model_state, step)
 
 
+def split_source(tok: Tokenizer, split: str, *, data_dir: str | None = None) -> tuple[Any, Any]:
+    """(source, preprocess_fn) of a split of the tokenizer's dataset, as training reads it."""
+    from vq_jax import trainer  # deferred: the API itself needs no input pipeline
+
+    config = tok.config.copy_and_resolve_references()
+    if data_dir is not None:
+        config.input.data_dir = data_dir
+    config.input.train_split = config.input.eval_split = split
+    _, source = trainer.make_sources(config)
+    return source, trainer.make_preprocess(config)
+
+
 def iterate_split(
     tok: Tokenizer,
     split: str,
@@ -186,14 +198,9 @@ def iterate_split(
     data_dir: str | None = None,
 ):
     """Yields (uint8 images, float images, labels) batches of a split of the tokenizer's dataset."""
-    from vq_jax import data, trainer  # deferred: the API itself needs no input pipeline
+    from vq_jax import data  # deferred: the API itself needs no input pipeline
 
-    config = tok.config.copy_and_resolve_references()
-    if data_dir is not None:
-        config.input.data_dir = data_dir
-    config.input.train_split = config.input.eval_split = split
-    _, source = trainer.make_sources(config)
-    preprocess_fn = trainer.make_preprocess(config)
+    source, preprocess_fn = split_source(tok, split, data_dir=data_dir)
     seen = 0
     for batch in data.make_eval_batches(
         source,

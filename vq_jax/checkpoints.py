@@ -2,7 +2,9 @@
 
 Saves are atomic (orbax writes to a temporary directory and renames it when complete), so a crash
 while saving never leaves a half-written step as the latest. Restores go straight into the
-current shardings, so a checkpoint written on N devices restores on M devices.
+current shardings, so a checkpoint written on N devices restores on M devices. In a
+multi-process run every process makes the same calls on one shared directory (on a file
+system every host mounts): orbax writes each array once and the JSON items from process 0.
 """
 
 from __future__ import annotations
@@ -112,14 +114,19 @@ class Checkpointer:
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unrestorable steps to `<directory>_corrupt/` so training can save them anew;
         nothing is deleted."""
-        if not steps or jax.process_index() != 0:
+        if not steps:
             return
-        aside = self.directory + "_corrupt"
-        os.makedirs(aside, exist_ok=True)
-        for step in steps:
-            target = os.path.join(aside, f"{step}.{int(time.time())}")
-            os.replace(os.path.join(self.directory, str(step)), target)
-            logging.warning("Moved the unrestorable checkpoint step %d to %s.", step, target)
+        if jax.process_index() == 0:
+            aside = self.directory + "_corrupt"
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, f"{step}.{int(time.time())}")
+                os.replace(os.path.join(self.directory, str(step)), target)
+                logging.warning("Moved the unrestorable checkpoint step %d to %s.", step, target)
+        if jax.process_count() > 1:  # the others reload only once process 0 has moved them
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoints_set_aside")
         self._manager.reload()
 
 

@@ -65,12 +65,19 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class Preemption:
-    """Turns SIGTERM (and multi-host preemption sync points) into a save-and-exit request."""
+    """Turns SIGTERM into a save-and-exit request.
+
+    One process: our own SIGTERM handler. Several: JAX's preemption service (started by
+    jax.distributed.initialize) catches SIGTERM on any process and makes every process reach
+    the same sync step; installing our handler there would replace JAX's, and a process that
+    stopped on its own would leave the others waiting in a collective.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        multi = jax.process_count() > 1
+        if not multi and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -224,14 +231,16 @@ class MetricBuffer:
 
 def evaluate_split(
     eval_step, params: Any, model_state: Any, batches: Iterator[dict], sharding
-) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
-    """Exact means over the held-out split, plus the first batch for the image grid."""
+) -> tuple[dict[str, float], dict[str, jax.Array] | None]:
+    """Exact means over the held-out split (every process passes its own batches; the step
+    sums over the global batch), plus the first global batch for the image grid."""
     totals, first = None, None
     for batch in batches:
-        sums = eval_step(params, model_state, to_global(batch, sharding))
+        global_batch = to_global(batch, sharding)
+        sums = eval_step(params, model_state, global_batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         if first is None:
-            first = batch
+            first = global_batch
     totals = jax.device_get(totals)
     n = max(float(totals["count"]), 1.0)
     result = {k: float(totals[k]) / n for k in ("l1", "mse", "psnr", "ssim")}
@@ -410,7 +419,16 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         in_shardings=(repl, repl, batch_sharding),
         out_shardings=repl,
     )
-    reconstruct = jax.jit(lambda p, ms, im: comps.model.apply({"params": p, **ms}, im)[0])
+    n_grid = min(tc.num_sample_images, ic.eval_batch_size)
+
+    def grid_pairs(p: Any, ms: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = images[:n_grid]
+        return x, comps.model.apply({"params": p, **ms}, x)[0]
+
+    # Every process runs it (the arrays span all of them); the result is on every process.
+    reconstruct = jax.jit(
+        grid_pairs, in_shardings=(repl, repl, batch_sharding), out_shardings=(repl, repl)
+    )
 
     def evaluate(state: State, step: int, writer: metrics.MetricWriter) -> dict[str, float]:
         params = state.get("ema_params", state["params"])
@@ -428,14 +446,15 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         )
         result["eval_seconds"] = time.time() - t0
         writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        pairs = None
+        if first is not None:
+            pairs = jax.device_get(reconstruct(params, state["model_state"], first["image"]))
         if is_main:
             save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
-            if first is not None:
-                n = min(tc.num_sample_images, first["image"].shape[0])
-                x = first["image"][:n]
-                recon = np.asarray(reconstruct(params, state["model_state"], x))
+            if pairs is not None:
+                x, recon = pairs
                 grid = metrics.image_grid(
-                    np.concatenate([metrics.to_uint8(x), metrics.to_uint8(recon)]), ncols=n
+                    np.concatenate([metrics.to_uint8(x), metrics.to_uint8(recon)]), ncols=len(x)
                 )
                 metrics.save_png(os.path.join(workdir, "eval", f"step_{step}.png"), grid)
                 writer.write_images(step, "eval/originals_vs_reconstructions", grid[None])
@@ -489,7 +508,12 @@ def cached_tokens(
     cache_dir: str,
     sharding: jax.NamedSharding,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The split's token grids and labels, tokenized once (batched, sharded) and cached as .npz."""
+    """The split's token grids and labels, tokenized once and cached as .npz.
+
+    Every process reads and preprocesses its own share of the split (as in evaluation); the
+    encoder runs on the global batch over all devices, and every process gets all the tokens;
+    process 0 writes the cache.
+    """
     path = os.path.join(cache_dir, f"{split}.npz")
     expected = tok.token_shape
     if os.path.exists(path):
@@ -499,36 +523,54 @@ def cached_tokens(
         if tokens.shape[1:] == expected and made_by == tok.step:
             return tokens, labels
         print(f"token cache {path} is stale (other tokenizer or grid); re-tokenizing", flush=True)
-    if jax.process_index() == 0:
-        t0, chunks, labels_l = time.time(), [], []
-        bs = config.input.encode_batch_size
-        for i, (_, x, lab) in enumerate(
-            api.iterate_split(tok, split, batch_size=bs, data_dir=config.input.data_dir)
-        ):
-            n = len(x)
-            pad = (-n) % jax.device_count()
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-            idx = tok.encode(jax.device_put(x, sharding))[:n]
-            chunks.append(idx)
-            labels_l.append(lab)
-            if i % 10 == 0:
-                print(
-                    f"tokenizing {split}: {sum(map(len, chunks))} images "
-                    f"({time.time() - t0:.0f} s)",
-                    flush=True,
-                )
-        tokens, labels = np.concatenate(chunks).astype(np.int32), np.concatenate(labels_l)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    is_main = pindex == 0
+    source, preprocess_fn = api.split_source(tok, split, data_dir=config.input.data_dir)
+    ndev = jax.device_count()
+    global_bs = -(-config.input.encode_batch_size // ndev) * ndev  # a multiple of the devices
+    local_bs = global_bs // pcount
+    batches = data.make_eval_batches(
+        source,
+        batch_size=local_bs,
+        preprocess_fn=preprocess_fn,
+        process_index=pindex,
+        process_count=pcount,
+    )
+    repl = jax.NamedSharding(sharding.mesh, jax.P())
+
+    def encode(variables: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        indices = tok.model.apply(variables, batch["image"], method="encode")[1].indices
+        return {"tokens": indices, "label": batch["label"], "mask": batch["mask"]}
+
+    encode = jax.jit(encode, in_shardings=(repl, sharding), out_shardings=repl)
+    tokens = np.zeros((len(source), *expected), np.int32)
+    labels = np.zeros((len(source),), np.int32)
+    rows = np.arange(global_bs)
+    owner, row = np.divmod(rows, local_bs)  # row r of a global batch: process `owner`'s row
+    t0 = time.time()
+    for j, batch in enumerate(batches):
+        out = jax.device_get(encode(tok._variables(), to_global(batch, sharding)))
+        index = owner + (j * local_bs + row) * pcount  # make_eval_batches' example order
+        keep = out["mask"] > 0
+        tokens[index[keep]] = out["tokens"][keep]
+        labels[index[keep]] = out["label"][keep]
+        if is_main and j % 10 == 0:
+            print(
+                f"tokenizing {split}: {min((j + 1) * global_bs, len(source))} images "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
+    if is_main:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp.npz"
         np.savez(tmp, tokens=tokens, labels=labels, tokenizer_step=tok.step)
         os.replace(tmp, path)  # atomic: a crash never leaves a partial cache
         print(f"cached {len(tokens)} {split} token grids {tokens.shape[1:]} in {path}", flush=True)
-    if jax.process_count() > 1:
+    if pcount > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"tokens_{split}")
-    with np.load(path) as f:
-        return f["tokens"], f["labels"]
+    return tokens, labels
 
 
 def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Task:
@@ -600,12 +642,13 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
             result["perplexity"] = float(np.exp(result["loss"]))
         result["eval_seconds"] = time.time() - t0
         writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        # Every process samples (the parameters span all of them); process 0 writes.
+        prior = api.Prior(config, comps, state["params"], tok, step)
+        per_class = config.sampling.samples_per_class
+        num = per_class * max(pc.num_classes, 1)
+        labels = np.repeat(np.arange(pc.num_classes), per_class) if pc.num_classes else None
+        images, _, _ = prior.generate(num, labels=labels, seed=config.seed)
         if is_main:
-            prior = api.Prior(config, comps, state["params"], tok, step)
-            per_class = config.sampling.samples_per_class
-            num = per_class * max(pc.num_classes, 1)
-            labels = np.repeat(np.arange(pc.num_classes), per_class) if pc.num_classes else None
-            images, _, _ = prior.generate(num, labels=labels, seed=config.seed)
             grid = metrics.image_grid(images, ncols=per_class if pc.num_classes else 8)
             save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
             metrics.save_png(os.path.join(workdir, "eval", f"samples_step_{step}.png"), grid)
