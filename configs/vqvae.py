@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             dropout=0.0,
             num_groups=32,
             dtype="bfloat16",  # compute dtype; parameters stay float32
+            # conv kernel gradients: "auto" (chunked patch GEMMs on CPU, XLA's elsewhere), "xla",
+            # "patches"; same math, see vq_jax/nets/conv.py and BENCHMARKS.md
+            conv_weight_grad="auto",
         )
     )
 

@@ -102,6 +102,7 @@ def build_model(config: mlc.ConfigDict) -> VQModel:
         dropout=m.dropout,
         num_groups=m.num_groups,
         dtype=dtype,
+        conv_weight_grad=m.get("conv_weight_grad", "auto"),  # absent in older workdirs' configs
         quantizer=build_quantizer(config.quantizer, dtype),
     )
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vq_jax.nets.conv import Conv
+
 Dtype = jnp.dtype | type
 
 _GN_EPS = 1e-6
@@ -51,21 +53,16 @@ def _check_groups(channels: int, num_groups: int, what: str) -> None:
         )
 
 
-def _conv3x3(features: int, dtype: Dtype, name: str | None = None) -> nn.Conv:
-    return nn.Conv(
-        features,
-        (3, 3),
-        strides=(1, 1),
-        padding=((1, 1), (1, 1)),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
+def _conv3x3(features: int, dtype: Dtype, name: str | None, weight_grad: str) -> Conv:
+    return Conv(
+        features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, weight_grad=weight_grad, name=name
     )
 
 
-def _conv1x1(features: int, dtype: Dtype, name: str | None = None) -> nn.Conv:
-    return nn.Conv(
-        features, (1, 1), padding="VALID", dtype=dtype, param_dtype=jnp.float32, name=name
+def conv1x1(features: int, dtype: Dtype, name: str | None, weight_grad: str = "auto") -> Conv:
+    """A per-position linear map as a 1x1 conv (float32 parameters)."""
+    return Conv(
+        features, (1, 1), padding=((0, 0), (0, 0)), dtype=dtype, weight_grad=weight_grad, name=name
     )
 
 
@@ -86,6 +83,7 @@ class ResnetBlock(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -94,13 +92,13 @@ class ResnetBlock(nn.Module):
         _check_groups(self.out_channels, self.num_groups, "ResnetBlock output")
         h = _group_norm(self.num_groups, self.dtype, "norm1")(x)
         h = nn.swish(h)
-        h = _conv3x3(self.out_channels, self.dtype, "conv1")(h)
+        h = _conv3x3(self.out_channels, self.dtype, "conv1", self.conv_weight_grad)(h)
         h = _group_norm(self.num_groups, self.dtype, "norm2")(h)
         h = nn.swish(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv3x3(self.out_channels, self.dtype, "conv2")(h)
+        h = _conv3x3(self.out_channels, self.dtype, "conv2", self.conv_weight_grad)(h)
         if in_channels != self.out_channels:
-            x = _conv1x1(self.out_channels, self.dtype, "nin_shortcut")(x)
+            x = conv1x1(self.out_channels, self.dtype, "nin_shortcut", self.conv_weight_grad)(x)
         return x.astype(h.dtype) + h
 
 
@@ -141,6 +139,7 @@ class Downsample(nn.Module):
 
     channels: int
     dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -149,13 +148,13 @@ class Downsample(nn.Module):
                 f"Downsample needs even height and width, got {x.shape[1]}x{x.shape[2]}; "
                 "make the input resolution divisible by the encoder's downsample factor."
             )
-        return nn.Conv(
+        return Conv(
             self.channels,
             (3, 3),
             strides=(2, 2),
             padding=((0, 1), (0, 1)),
             dtype=self.dtype,
-            param_dtype=jnp.float32,
+            weight_grad=self.conv_weight_grad,
             name="conv",
         )(x)
 
@@ -165,11 +164,12 @@ class Upsample(nn.Module):
 
     channels: int
     dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv3x3(self.channels, self.dtype, "conv")(x)
+        return _conv3x3(self.channels, self.dtype, "conv", self.conv_weight_grad)(x)
 
 
 class Encoder(nn.Module):
@@ -187,6 +187,7 @@ class Encoder(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -196,7 +197,7 @@ class Encoder(nn.Module):
         for m in self.ch_mult:
             _check_groups(self.ch * m, self.num_groups, f"Encoder level with ch*{m}")
 
-        h = _conv3x3(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))
+        h = _conv3x3(self.ch, self.dtype, "conv_in", self.conv_weight_grad)(x.astype(self.dtype))
         last = len(self.ch_mult) - 1
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
@@ -205,23 +206,36 @@ class Encoder(nn.Module):
                     self.dropout,
                     self.num_groups,
                     self.dtype,
+                    self.conv_weight_grad,
                     name=f"down_{i}_block_{j}",
                 )(h, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = AttnBlock(self.num_groups, self.dtype, name=f"down_{i}_attn_{j}")(h)
             if i != last:
-                h = Downsample(h.shape[-1], self.dtype, name=f"down_{i}_downsample")(h)
+                h = Downsample(
+                    h.shape[-1], self.dtype, self.conv_weight_grad, name=f"down_{i}_downsample"
+                )(h)
 
         block_ch = h.shape[-1]
-        h = ResnetBlock(block_ch, self.dropout, self.num_groups, self.dtype, name="mid_block_1")(
-            h, train
-        )
+        h = ResnetBlock(
+            block_ch,
+            self.dropout,
+            self.num_groups,
+            self.dtype,
+            self.conv_weight_grad,
+            name="mid_block_1",
+        )(h, train)
         h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
-        h = ResnetBlock(block_ch, self.dropout, self.num_groups, self.dtype, name="mid_block_2")(
-            h, train
-        )
+        h = ResnetBlock(
+            block_ch,
+            self.dropout,
+            self.num_groups,
+            self.dtype,
+            self.conv_weight_grad,
+            name="mid_block_2",
+        )(h, train)
         h = nn.swish(_group_norm(self.num_groups, self.dtype, "norm_out")(h))
-        h = _conv3x3(self.z_channels, self.dtype, "conv_out")(h)
+        h = _conv3x3(self.z_channels, self.dtype, "conv_out", self.conv_weight_grad)(h)
         return h.astype(jnp.float32)
 
 
@@ -242,6 +256,7 @@ class Decoder(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
@@ -252,14 +267,24 @@ class Decoder(nn.Module):
             _check_groups(self.ch * m, self.num_groups, f"Decoder level with ch*{m}")
 
         block_ch = self.ch * self.ch_mult[-1]
-        h = _conv3x3(block_ch, self.dtype, "conv_in")(z.astype(self.dtype))
-        h = ResnetBlock(block_ch, self.dropout, self.num_groups, self.dtype, name="mid_block_1")(
-            h, train
-        )
+        h = _conv3x3(block_ch, self.dtype, "conv_in", self.conv_weight_grad)(z.astype(self.dtype))
+        h = ResnetBlock(
+            block_ch,
+            self.dropout,
+            self.num_groups,
+            self.dtype,
+            self.conv_weight_grad,
+            name="mid_block_1",
+        )(h, train)
         h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
-        h = ResnetBlock(block_ch, self.dropout, self.num_groups, self.dtype, name="mid_block_2")(
-            h, train
-        )
+        h = ResnetBlock(
+            block_ch,
+            self.dropout,
+            self.num_groups,
+            self.dtype,
+            self.conv_weight_grad,
+            name="mid_block_2",
+        )(h, train)
 
         for i in reversed(range(len(self.ch_mult))):
             for j in range(self.num_res_blocks + 1):
@@ -268,16 +293,19 @@ class Decoder(nn.Module):
                     self.dropout,
                     self.num_groups,
                     self.dtype,
+                    self.conv_weight_grad,
                     name=f"up_{i}_block_{j}",
                 )(h, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = AttnBlock(self.num_groups, self.dtype, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
-                h = Upsample(h.shape[-1], self.dtype, name=f"up_{i}_upsample")(h)
+                h = Upsample(
+                    h.shape[-1], self.dtype, self.conv_weight_grad, name=f"up_{i}_upsample"
+                )(h)
 
         h = nn.swish(_group_norm(self.num_groups, self.dtype, "norm_out")(h))
         # Input of the last layer, recorded only when "intermediates" is mutable: with it the
         # adaptive GAN weight gets d(loss)/d(conv_out kernel) without a second decoder backward.
         self.sow("intermediates", "conv_out_input", h)
-        h = _conv3x3(self.out_channels, self.dtype, "conv_out")(h)
+        h = _conv3x3(self.out_channels, self.dtype, "conv_out", self.conv_weight_grad)(h)
         return h.astype(jnp.float32)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vq_jax.nets.autoencoder import Decoder, Dtype, Encoder
+from vq_jax.nets.autoencoder import Decoder, Dtype, Encoder, conv1x1
 from vq_jax.nets.quantizers import QuantizerResult
 
 
@@ -35,6 +35,7 @@ class VQModel(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     def setup(self) -> None:
         embed_dim = self.quantizer.embed_dim
@@ -47,11 +48,10 @@ class VQModel(nn.Module):
             dropout=self.dropout,
             num_groups=self.num_groups,
             dtype=self.dtype,
+            conv_weight_grad=self.conv_weight_grad,
         )
-        self.quant_conv = nn.Conv(embed_dim, (1, 1), dtype=self.dtype, param_dtype=jnp.float32)
-        self.post_quant_conv = nn.Conv(
-            self.z_channels, (1, 1), dtype=self.dtype, param_dtype=jnp.float32
-        )
+        self.quant_conv = conv1x1(embed_dim, self.dtype, None, self.conv_weight_grad)
+        self.post_quant_conv = conv1x1(self.z_channels, self.dtype, None, self.conv_weight_grad)
         self.decoder = Decoder(
             ch=self.ch,
             out_channels=self.in_channels,
@@ -61,6 +61,7 @@ class VQModel(nn.Module):
             dropout=self.dropout,
             num_groups=self.num_groups,
             dtype=self.dtype,
+            conv_weight_grad=self.conv_weight_grad,
         )
 
     def _check_images(self, x: jax.Array) -> None:

@@ -1,0 +1,111 @@
+"""vq_jax.nets.conv: the patch-GEMM kernel gradient equals the conv's kernel gradient.
+
+The reference kernel gradient is computed in numpy from its definition,
+    dW[ky, kx, ci, co] = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co],
+and the reference input gradient by jax.grad of XLA's own conv.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from vq_jax.nets import conv
+
+CASES = [  # kernel, strides, padding, in, out, batch
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), 8, 16, 5),  # the autoencoder's 3x3 conv; prime batch
+    ((3, 3), (2, 2), ((0, 1), (0, 1)), 8, 8, 4),  # the encoder's Downsample
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), 8, 12, 3),  # nin_shortcut / quant_conv
+    ((4, 4), (2, 2), ((1, 1), (1, 1)), 3, 8, 2),  # PatchGAN conv
+]
+
+
+def numpy_kernel_grad(x, dy, kernel_hw, strides, padding):
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    xp = np.pad(x, ((0, 0), *padding, (0, 0))).astype(np.float64)
+    _, ho, wo, _ = dy.shape
+    out = np.zeros((kh, kw, x.shape[-1], dy.shape[-1]))
+    for ky in range(kh):
+        for kx in range(kw):
+            win = xp[:, ky : ky + sh * (ho - 1) + 1 : sh, kx : kx + sw * (wo - 1) + 1 : sw]
+            out[ky, kx] = np.einsum("bijc,bijo->co", win, dy.astype(np.float64))
+    return out
+
+
+@pytest.mark.parametrize("kernel_hw,strides,padding,cin,cout,batch", CASES)
+def test_kernel_grad_matches_definition(kernel_hw, strides, padding, cin, cout, batch):
+    x = np.asarray(jax.random.normal(jax.random.key(0), (batch, 8, 8, cin)))
+    ho = (8 + sum(padding[0]) - kernel_hw[0]) // strides[0] + 1
+    wo = (8 + sum(padding[1]) - kernel_hw[1]) // strides[1] + 1
+    dy = np.asarray(jax.random.normal(jax.random.key(1), (batch, ho, wo, cout)))
+    got = jax.jit(
+        lambda x, dy: conv.patches_kernel_grad(x, dy, (*kernel_hw, cin, cout), strides, padding)
+    )(x, dy)
+    chex.assert_shape(got, (*kernel_hw, cin, cout))
+    np.testing.assert_allclose(
+        got, numpy_kernel_grad(x, dy, kernel_hw, strides, padding), rtol=1e-5, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("kernel_hw,strides,padding,cin,cout,batch", CASES)
+def test_module_matches_flax_conv(kernel_hw, strides, padding, cin, cout, batch):
+    """Same parameters, outputs and gradients as flax.linen.Conv, for both kernel-grad modes."""
+    x = jax.random.normal(jax.random.key(0), (batch, 8, 8, cin))
+    ref = nn.Conv(cout, kernel_hw, strides, padding)
+    params = ref.init(jax.random.key(1), x)
+
+    def grads(module):
+        def loss(p, x):
+            return jnp.sum(jnp.sin(module.apply(p, x)))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    want = grads(ref)
+    for mode in ("patches", "xla", "auto"):
+        mine = conv.Conv(cout, kernel_hw, strides, padding, weight_grad=mode)
+        chex.assert_trees_all_equal(mine.init(jax.random.key(1), x), params)
+        chex.assert_trees_all_close(mine.apply(params, x), ref.apply(params, x), atol=1e-5)
+        chex.assert_trees_all_close(grads(mine), want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_cover_the_batch():
+    """Chunk sizes divide the batch and respect the byte budget (so no image is dropped)."""
+    for batch in (1, 7, 64, 96):
+        for per_image in (1, 2**20, 3 * 2**20, 64 * 2**20):
+            c = conv._chunk_size(batch, per_image)
+            assert batch % c == 0
+            assert c == 1 or c * per_image <= conv._CHUNK_BYTES
+
+
+def test_bfloat16_kernel_grad_accumulates_in_float32():
+    x = jax.random.normal(jax.random.key(0), (16, 16, 16, 32))
+    dy = jax.random.normal(jax.random.key(1), (16, 16, 16, 32))
+    pad = ((1, 1), (1, 1))
+    got = conv.patches_kernel_grad(
+        x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16), (3, 3, 32, 32), (1, 1), pad
+    )
+    assert got.dtype == jnp.float32
+    want = numpy_kernel_grad(
+        np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)),
+        np.asarray(dy.astype(jnp.bfloat16).astype(jnp.float32)),
+        (3, 3),
+        (1, 1),
+        pad,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_auto_uses_patches_on_cpu_and_bad_mode_is_rejected():
+    x = jnp.ones((2, 4, 4, 3))
+    k = jnp.ones((3, 3, 3, 5))
+    pad = ((1, 1), (1, 1))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: conv.conv2d(x, k, (1, 1), pad).sum()))(k))
+    assert ("scan" in jaxpr) == (jax.default_backend() == "cpu")
+    jaxpr_xla = str(
+        jax.make_jaxpr(jax.grad(lambda k: conv.conv2d(x, k, (1, 1), pad, "xla").sum()))(k)
+    )
+    assert "scan" not in jaxpr_xla
+    with pytest.raises(ValueError, match="weight_grad must be one of"):
+        conv.conv2d(x, k, (1, 1), pad, weight_grad="fast")

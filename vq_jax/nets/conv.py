@@ -1,0 +1,138 @@
+"""2-D convolution whose kernel gradient is computed as chunked patch matmuls (fast on XLA:CPU).
+
+XLA lowers the kernel gradient of a conv to a "conv" with an H x W kernel and a 3 x 3 output,
+which its CPU backend runs at a fraction of the speed of its forward convs (profiled in
+BENCHMARKS.md: 38% of the VQ-VAE step). ``conv2d`` keeps XLA's forward conv and its input
+gradient, and computes the kernel gradient as
+    dW[ky, kx, ci, co] = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co],
+an im2col GEMM ([kh*kw*Ci, b*Ho*Wo] @ [b*Ho*Wo, Co]) accumulated over chunks of a few images
+(``lax.scan``) so each chunk's patches stay in cache. The math is the same sum; only the order
+of the float additions differs. ``Conv`` is a drop-in for ``flax.linen.Conv`` (same parameter
+names and shapes) for NHWC inputs with explicit padding.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype | type
+Padding = tuple[tuple[int, int], tuple[int, int]]
+_DN = ("NHWC", "HWIO", "NHWC")
+_CHUNK_BYTES = 4 * 2**20  # patch bytes per scan chunk: about what stays cached on a CPU core
+WEIGHT_GRADS = ("auto", "xla", "patches")
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
+
+
+def _chunk_size(batch: int, per_image_bytes: int) -> int:
+    """The largest divisor of ``batch`` whose patches fit in _CHUNK_BYTES (at least 1)."""
+    best = 1
+    for c in range(1, batch + 1):
+        if batch % c == 0 and c * per_image_bytes <= _CHUNK_BYTES:
+            best = c
+    return best
+
+
+def _patches_t(x: jax.Array, kernel_hw: tuple[int, int], strides, padding, out_hw) -> jax.Array:
+    """x [b, H, W, C] -> transposed im2col patches [kh*kw*C, b*Ho*Wo] (HWI row order)."""
+    (kh, kw), (sh, sw), (ho, wo) = kernel_hw, strides, out_hw
+    b, _, _, c = x.shape
+    xt = jnp.pad(x, ((0, 0), *padding, (0, 0))).transpose(3, 0, 1, 2)  # C, b, Hp, Wp
+    taps = [
+        xt[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(taps).reshape(kh * kw * c, b * ho * wo)
+
+
+def patches_kernel_grad(
+    x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides, padding
+) -> jax.Array:
+    """d(sum(conv(x, W) * dy)) / dW as chunked im2col GEMMs, float32 accumulation."""
+    kh, kw, c, co = kernel_shape
+    b, ho, wo, _ = dy.shape
+    chunk = _chunk_size(b, kh * kw * c * ho * wo * x.dtype.itemsize)
+    xs = x.reshape(b // chunk, chunk, *x.shape[1:])
+    ds = dy.reshape(b // chunk, chunk * ho * wo, co)
+
+    def body(acc, chunk_xd):
+        xc, dc = chunk_xd
+        p = _patches_t(xc, (kh, kw), strides, padding, (ho, wo))
+        return acc + jnp.matmul(p, dc, preferred_element_type=jnp.float32), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((kh * kw * c, co), jnp.float32), (xs, ds))
+    return acc.reshape(kh, kw, c, co)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_patches_grad(x, kernel, strides, padding):
+    return _xla_conv(x, kernel, strides, padding)
+
+
+def _fwd(x, kernel, strides, padding):
+    return _xla_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _bwd(strides, padding, res, dy):
+    x, kernel = res
+    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, padding), x)
+    (dx,) = input_vjp(dy)
+    dk = patches_kernel_grad(x, dy.astype(x.dtype), kernel.shape, strides, padding)
+    return dx, dk.astype(kernel.dtype)
+
+
+_conv_patches_grad.defvjp(_fwd, _bwd)
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int] = (1, 1),
+    padding: Padding = ((0, 0), (0, 0)),
+    weight_grad: str = "auto",
+) -> jax.Array:
+    """NHWC x HWIO conv. ``weight_grad``: "xla" (XLA's own), "patches" (chunked im2col GEMMs) or
+    "auto" (patches on the CPU backend, where it is faster; XLA's elsewhere)."""
+    if weight_grad not in WEIGHT_GRADS:
+        raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
+    if weight_grad == "auto":
+        weight_grad = "patches" if jax.default_backend() == "cpu" else "xla"
+    strides = tuple(int(s) for s in strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if weight_grad == "xla":
+        return _xla_conv(x, kernel, strides, padding)
+    return _conv_patches_grad(x, kernel, strides, padding)
+
+
+class Conv(nn.Module):
+    """``flax.linen.Conv`` for NHWC inputs with explicit padding, using ``conv2d``.
+
+    Parameters ``kernel`` [kh, kw, in, out] and ``bias`` [out], as flax's Conv names them.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: Padding = ((1, 1), (1, 1))
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    weight_grad: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (*self.kernel_size, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = conv2d(x, kernel, self.strides, self.padding, self.weight_grad)
+        return y + bias.reshape(1, 1, 1, -1)
