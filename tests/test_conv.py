@@ -109,3 +109,19 @@ def test_auto_uses_patches_on_cpu_and_bad_mode_is_rejected():
     assert "scan" not in jaxpr_xla
     with pytest.raises(ValueError, match="weight_grad must be one of"):
         conv.conv2d(x, k, (1, 1), pad, weight_grad="fast")
+
+
+def test_no_bias_and_custom_init_match_flax_conv():
+    """The discriminator's form: no bias, N(0, 0.02) kernels, 4x4 stride 2."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    kw = dict(use_bias=False, kernel_init=nn.initializers.normal(0.02))
+    ref = nn.Conv(6, (4, 4), (2, 2), ((1, 1), (1, 1)), **kw)
+    mine = conv.Conv(6, (4, 4), (2, 2), ((1, 1), (1, 1)), weight_grad="patches", **kw)
+    params = ref.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal(mine.init(jax.random.key(1), x), params)
+    assert "bias" not in params["params"]
+
+    def grads(module):
+        return jax.grad(lambda p: jnp.sum(jnp.tanh(module.apply(p, x))))(params)
+
+    chex.assert_trees_all_close(grads(mine), grads(ref), rtol=1e-4, atol=1e-5)

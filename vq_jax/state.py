@@ -121,6 +121,7 @@ def build_discriminator(config: mlc.ConfigDict) -> NLayerDiscriminator | None:
         norm=d.norm,
         num_groups=d.num_groups,
         dtype=_dtype(config.model.dtype),
+        conv_weight_grad=config.model.get("conv_weight_grad", "auto"),
     )
 
 

@@ -12,7 +12,7 @@ names and shapes) for NHWC inputs with explicit padding.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,25 +113,27 @@ def conv2d(
 class Conv(nn.Module):
     """``flax.linen.Conv`` for NHWC inputs with explicit padding, using ``conv2d``.
 
-    Parameters ``kernel`` [kh, kw, in, out] and ``bias`` [out], as flax's Conv names them.
+    Parameters ``kernel`` [kh, kw, in, out] and ``bias`` [out] (unless ``use_bias=False``), as
+    flax's Conv names and initialises them.
     """
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     strides: tuple[int, int] = (1, 1)
     padding: Padding = ((1, 1), (1, 1))
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     weight_grad: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel",
-            nn.initializers.lecun_normal(),
-            (*self.kernel_size, x.shape[-1], self.features),
-            self.param_dtype,
-        )
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        if not self.use_bias:
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            return conv2d(x, kernel, self.strides, self.padding, self.weight_grad)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = conv2d(x, kernel, self.strides, self.padding, self.weight_grad)
