@@ -1,7 +1,7 @@
 """Train a VQ-VAE / VQGAN tokenizer.
 
   python train.py --config=configs/vqvae.py:fashion_mnist --workdir=/tmp/vqvae
-  python train.py --config=configs/vqgan.py --workdir=gs://bucket/vqgan   # accelerator recipe
+  python train.py --config=configs/vqgan.py --workdir=/shared/vqgan   # accelerator recipe
 
 Override any config field: --config.optimizer.generator.lr=1e-4. Restarting with the same
 workdir resumes from its newest checkpoint.
