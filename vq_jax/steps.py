@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from vq_jax import losses, metrics, prior_losses
+from vq_jax.nets.conv import conv2d
 from vq_jax.state import Components, PriorComponents, State, rng_stream
 
 Measurements = dict[str, jax.Array]
@@ -48,10 +49,10 @@ def last_layer_grad(features: jax.Array, kernel: jax.Array, grad_out: jax.Array)
     the output image. This gives taming's adaptive weight without a second backward pass through
     the decoder.
     """
-    conv = lambda k: jax.lax.conv_general_dilated(
-        features.astype(jnp.float32), k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    pad = ((1, 1), (1, 1))  # 'SAME' for the 3x3 conv
+    _, vjp = jax.vjp(
+        lambda k: conv2d(features.astype(jnp.float32), k, (1, 1), pad), kernel.astype(jnp.float32)
     )
-    _, vjp = jax.vjp(conv, kernel.astype(jnp.float32))
     return vjp(grad_out.astype(jnp.float32))[0]
 
 
