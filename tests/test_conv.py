@@ -125,3 +125,29 @@ def test_no_bias_and_custom_init_match_flax_conv():
         return jax.grad(lambda p: jnp.sum(jnp.tanh(module.apply(p, x))))(params)
 
     chex.assert_trees_all_close(grads(mine), grads(ref), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_hw,strides,padding,cin,cout,batch", CASES[1:2] + CASES[3:])
+@pytest.mark.parametrize("size", [8, 9])
+def test_strided_input_grad_matches_definition(kernel_hw, strides, padding, cin, cout, batch, size):
+    """dx_pad[b, s*i + ky, s*j + kx, ci] += sum_co dy[b, i, j, co] * W[ky, kx, ci, co]."""
+    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel_hw, strides, padding
+    ho, wo = (size + pt + pb - kh) // sh + 1, (size + pl + pr - kw) // sw + 1
+    dy = np.asarray(jax.random.normal(jax.random.key(0), (batch, ho, wo, cout)), np.float64)
+    w = np.asarray(jax.random.normal(jax.random.key(1), (kh, kw, cin, cout)), np.float64)
+    want = np.zeros((batch, size + pt + pb, size + pl + pr, cin))
+    for i in range(ho):
+        for j in range(wo):
+            want[:, sh * i : sh * i + kh, sw * j : sw * j + kw] += np.einsum(
+                "bo,yxco->byxc", dy[:, i, j], w
+            )
+    want = want[:, pt : pt + size, pl : pl + size]
+    got = conv.col2im_input_grad(
+        jnp.asarray(dy, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        (batch, size, size, cin),
+        strides,
+        padding,
+    )
+    chex.assert_shape(got, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

@@ -1,9 +1,12 @@
-"""2-D convolution whose kernel gradient is computed as chunked patch matmuls (fast on XLA:CPU).
+"""2-D convolution with gradients computed as GEMMs where XLA:CPU is slow (kernel gradients; strided
+input gradients).
 
 XLA lowers the kernel gradient of a conv to a "conv" with an H x W kernel and a 3 x 3 output,
 which its CPU backend runs at a fraction of the speed of its forward convs (profiled in
-BENCHMARKS.md: 38% of the VQ-VAE step). ``conv2d`` keeps XLA's forward conv and its input
-gradient, and computes the kernel gradient as
+BENCHMARKS.md: 38% of the VQ-VAE step), and the input gradient of a strided conv as a conv over
+a zero-dilated input, slower still. ``conv2d`` keeps XLA's forward conv and its unit-stride input
+gradient; for strided convs the input gradient is one GEMM plus a fused scatter-sum
+(``col2im_input_grad``); the kernel gradient is
     dW[ky, kx, ci, co] = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co],
 an im2col GEMM ([kh*kw*Ci, b*Ho*Wo] @ [b*Ho*Wo, Co]) accumulated over chunks of a few images
 (``lax.scan``) so each chunk's patches stay in cache. The math is the same sum; only the order
@@ -70,6 +73,38 @@ def patches_kernel_grad(
     return acc.reshape(kh, kw, c, co)
 
 
+def col2im_input_grad(
+    dy: jax.Array, kernel: jax.Array, x_shape: Sequence[int], strides, padding
+) -> jax.Array:
+    """d(sum(conv(x, W) * dy)) / dx as one GEMM (dy @ W^T -> per-tap columns) and a fused
+    strided scatter-sum of the columns back onto the padded input grid:
+        dx_pad[b, s*i + ky, s*j + kx, ci] += sum_co dy[b, i, j, co] * W[ky, kx, ci, co].
+    For strided convs, where XLA:CPU's dilated-input conv is slow."""
+    kh, kw, c, co = kernel.shape
+    b, ho, wo, _ = dy.shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
+    cols = jnp.matmul(
+        dy.reshape(-1, co), kernel.reshape(kh * kw * c, co).T, preferred_element_type=jnp.float32
+    ).reshape(b, ho, wo, kh, kw, c)
+    zero = jnp.zeros((), cols.dtype)
+    dx_pad = sum(
+        jax.lax.pad(
+            cols[:, :, :, i, j],
+            zero,
+            [
+                (0, 0, 0),
+                (i, hp - i - sh * (ho - 1) - 1, sh - 1),
+                (j, wp - j - sw * (wo - 1) - 1, sw - 1),
+                (0, 0, 0),
+            ],
+        )
+        for i in range(kh)
+        for j in range(kw)
+    )
+    return dx_pad[:, pt : pt + x_shape[1], pl : pl + x_shape[2]].astype(dy.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_patches_grad(x, kernel, strides, padding):
     return _xla_conv(x, kernel, strides, padding)
@@ -81,8 +116,11 @@ def _fwd(x, kernel, strides, padding):
 
 def _bwd(strides, padding, res, dy):
     x, kernel = res
-    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, padding), x)
-    (dx,) = input_vjp(dy)
+    if strides == (1, 1):  # XLA's own input gradient is fast for unit strides
+        _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, padding), x)
+        (dx,) = input_vjp(dy)
+    else:
+        dx = col2im_input_grad(dy, kernel, x.shape, strides, padding).astype(x.dtype)
     dk = patches_kernel_grad(x, dy.astype(x.dtype), kernel.shape, strides, padding)
     return dx, dk.astype(kernel.dtype)
 
