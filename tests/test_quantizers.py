@@ -521,3 +521,30 @@ def test_shard_map_with_axis_name_matches_single_device():
         np.testing.assert_allclose(per_dev[0], ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(perplexity, np.full(4, res_ref.perplexity), rtol=1e-6)
     np.testing.assert_allclose(usage, np.full(4, res_ref.usage), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [(VectorQuantizer, {}), (VectorQuantizer, {"entropy_weight": 0.1}), (EMAVectorQuantizer, {})],
+)
+def test_search_never_materialises_nkd(cls, kw):
+    """The compiled train-mode forward + backward needs O(N*K) scratch, not an [N, K, D] tensor.
+
+    At N=1024, K=8192, D=256 an [N, K, D] float32 difference tensor is 8 GiB; the one-matmul
+    search needs [N, K] (32 MiB) plus small arrays. Compiled only, never run. With the entropy
+    term, gradients flow through the distances: a broadcast (x - e)^2 form fails here there.
+    """
+    n, k, d = 1024, 8192, 256
+    q = cls(codebook_size=k, embed_dim=d, **kw)  # entropy: gradients flow through distances
+    z = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    variables = jax.eval_shape(lambda: q.init(jax.random.key(0), jnp.zeros((n, d))))
+
+    def loss(variables, z):
+        z_q, res = q.apply(variables, z, train=True, mutable=["vq_stats"])[0]
+        return jnp.sum(z_q) + res.loss
+
+    compiled = jax.jit(jax.grad(loss, argnums=1)).lower(variables, z).compile()
+    mem = compiled.memory_analysis()
+    if mem is None:
+        pytest.skip("this backend reports no memory analysis")
+    assert mem.temp_size_in_bytes < 8 * n * k * 4, mem.temp_size_in_bytes
