@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -105,6 +106,15 @@ def _wait(procs, timeout: float) -> None:
             pytest.fail(f"{path} still running after {timeout} s:\n{tails}")
 
 
+def _wait_for(procs, condition, timeout: float) -> None:
+    """Polls `condition()` while every process runs; fails with process 0's log otherwise."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, _log(procs[0][1])[-3000:]
+        assert all(p.poll() is None for p, _ in procs), _log(procs[0][1])[-3000:]
+        time.sleep(0.1)
+
+
 def _assert_ok(procs) -> None:
     for proc, path in procs:
         assert proc.returncode == 0, f"{path} exited {proc.returncode}:\n{_log(path)[-3000:]}"
@@ -186,21 +196,16 @@ def test_two_processes_train_exactly_like_one(tmp_path):
 
 def test_killed_process_stops_the_others_and_a_restart_resumes(tmp_path):
     """SIGKILL one of 2 processes after a checkpoint: the survivor exits non-zero within the
-    heartbeat timeout (no hang) saying another task died; restarting both resumes from the
-    newest checkpoint."""
+    heartbeat timeout (no hang) saying another task died. Restarting both resumes from the
+    newest checkpoint; SIGTERM to one of them then makes both save the same step and exit 0."""
     workdir = str(tmp_path / "w")
     long_run = [
+        "--config.train.steps=1000",
         "--config.train.checkpoint_every=1",
         "--config.train.eval_every=1000",
-        "--config.train.eval_batches=1",
     ]
-    commands = _cluster_commands(workdir, "--config.train.steps=1000", *long_run)
-    with _processes(commands, str(tmp_path / "run1"), devices=2) as procs:
-        deadline = time.time() + 180
-        while not _committed_steps(workdir):
-            assert time.time() < deadline, _log(procs[0][1])[-3000:]
-            assert all(p.poll() is None for p, _ in procs), _log(procs[0][1])[-3000:]
-            time.sleep(0.1)
+    with _processes(_cluster_commands(workdir, *long_run), str(tmp_path / "run1"), 2) as procs:
+        _wait_for(procs, lambda: _committed_steps(workdir), timeout=180)
         (survivor, log0), (victim, _) = procs
         victim.kill()
         t0 = time.time()
@@ -211,13 +216,18 @@ def test_killed_process_stops_the_others_and_a_restart_resumes(tmp_path):
     print(f"survivor stopped {waited:.1f} s after the kill (heartbeat timeout {HEARTBEAT_S} s)")
 
     newest = _committed_steps(workdir)[-1]
-    commands = _cluster_commands(workdir, f"--config.train.steps={newest + 1}", *long_run)
-    with _processes(commands, str(tmp_path / "run2"), devices=2) as procs:
-        _wait(procs, timeout=180)
+    with _processes(_cluster_commands(workdir, *long_run), str(tmp_path / "run2"), 2) as procs:
+        _wait_for(procs, lambda: all("compiled train step" in _log(p) for _, p in procs), 180)
+        procs[1][0].send_signal(signal.SIGTERM)
+        _wait(procs, timeout=60)
     _assert_ok(procs)
+    saved = set()
     for _, path in procs:
-        assert f"resumed from checkpoint step {newest} " in _log(path)
-    assert _committed_steps(workdir)[-1] == newest + 1
+        log = _log(path)
+        assert f"resumed from checkpoint step {newest} " in log
+        saved |= set(re.findall(r"preempted: saved checkpoint at step (\d+);", log))
+    assert len(saved) == 1, saved  # both processes stopped at the same step
+    assert newest < int(saved.pop()) == _committed_steps(workdir)[-1]
 
 
 def test_incomplete_flags_fail_in_one_line(tmp_path):

@@ -130,6 +130,14 @@ class Checkpointer:
         self._manager.reload()
 
 
+def newest_step_dir(directory: str) -> int | None:
+    """The largest finalized step in `directory` by its name, without opening a manager (orbax
+    names each finalized step's directory by its number; unfinished ones carry a suffix)."""
+    if not os.path.isdir(directory):
+        return None
+    return max((int(d) for d in os.listdir(directory) if d.isdigit()), default=None)
+
+
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """ShapeDtypeStructs with `sharding` for every leaf of `tree` (arrays or abstract values)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

@@ -65,19 +65,24 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class Preemption:
-    """Turns SIGTERM into a save-and-exit request.
+    """Turns SIGTERM into a save-and-exit request; `step` is where training stands now.
 
     One process: our own SIGTERM handler. Several: JAX's preemption service (started by
-    jax.distributed.initialize) catches SIGTERM on any process and makes every process reach
+    jax.distributed.initialize) catches SIGTERM on any process and makes every process stop at
     the same sync step; installing our handler there would replace JAX's, and a process that
-    stopped on its own would leave the others waiting in a collective.
+    stopped on its own would leave the others waiting in a collective. JAX's sync step is one
+    past the largest step any process last reported, and `should_stop` only fires at exactly
+    that step, so the current step is reported at once: a notice during set-up (restore, token
+    cache, compilation) then lands on the first step this run trains, not on step 1.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, step: int = 0) -> None:
         self.requested = False
         self._previous = None
-        multi = jax.process_count() > 1
-        if not multi and threading.current_thread() is threading.main_thread():
+        self._multi = jax.process_count() > 1
+        if self._multi:
+            self.should_stop(step)
+        elif threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -85,7 +90,8 @@ class Preemption:
         self.requested = True
 
     def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
+        """Whether to save `step` and exit (every process gets the same answer)."""
+        if self._multi:
             from jax.experimental import multihost_utils
 
             if multihost_utils.reached_preemption_sync_point(step):
@@ -274,11 +280,18 @@ def save_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2)
 
 
-def run(task: Task, config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict:
+def run(
+    task: Task,
+    config: mlc.ConfigDict,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    preemption: Preemption | None = None,
+) -> dict:
     """The training loop shared by every task: restore or init, step, log, checkpoint, evaluate.
 
     Resumes from the newest restorable checkpoint in `workdir`; stops with NonFiniteError on a
-    NaN/Inf measurement (no such state is ever saved); on SIGTERM saves and returns.
+    NaN/Inf measurement (no such state is ever saved); on SIGTERM saves and returns. Pass the
+    `preemption` made before the task's set-up to cover that too (the caller closes it).
     """
     is_main = jax.process_index() == 0
     tc = config.train
@@ -334,8 +347,12 @@ def run(task: Task, config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mes
 
     final_eval: dict[str, float] = {}
     t_log, step_log = time.time(), start
-    preemption = Preemption()
+    own_preemption = preemption is None
+    preemption = preemption or Preemption(start)
     try:
+        if preemption.should_stop(start):  # during set-up: nothing new to save
+            print(f"preempted before training; resume from step {start}; exiting", flush=True)
+            return final_eval
         for step in range(start, total):
             local = next(it)
             if step == tc.debug_nan_step:  # tests: a poisoned batch
@@ -377,7 +394,8 @@ def run(task: Task, config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mes
         if start >= total and total > 0:
             final_eval = task.evaluate(state, total, writer)
     finally:
-        preemption.close()
+        if own_preemption:
+            preemption.close()
         ckpt.close()
         writer.close()
         if hasattr(it, "close"):
@@ -671,4 +689,9 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     make_task = prior_task if "prior" in config else tokenizer_task
-    return run(make_task(config, workdir, mesh), config, workdir, mesh)
+    newest = checkpoints.newest_step_dir(os.path.join(workdir, "checkpoints"))
+    preemption = Preemption(newest or 0)  # before the set-up, which can take long (token cache)
+    try:
+        return run(make_task(config, workdir, mesh), config, workdir, mesh, preemption)
+    finally:
+        preemption.close()
