@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vq_jax.nets.conv import Conv
+from vq_jax.nets.group_norm import GroupNorm
 
 Dtype = jnp.dtype | type
 
@@ -66,10 +67,8 @@ def conv1x1(features: int, dtype: Dtype, name: str | None, weight_grad: str = "a
     )
 
 
-def _group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
-    return nn.GroupNorm(
-        num_groups=num_groups, epsilon=_GN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name
-    )
+def _group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> GroupNorm:
+    return GroupNorm(num_groups=num_groups, epsilon=_GN_EPS, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vq_jax.nets.conv import Conv
+from vq_jax.nets.group_norm import GroupNorm
 
 Dtype = jnp.dtype | type
 
@@ -55,13 +56,7 @@ class NLayerDiscriminator(nn.Module):
                     f"discriminator layer has {channels} channels, not divisible by num_groups="
                     f"{self.num_groups}; pick num_groups dividing ndf (={self.ndf})."
                 )
-            return nn.GroupNorm(
-                num_groups=self.num_groups,
-                epsilon=1e-5,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name=name,
-            )
+            return GroupNorm(num_groups=self.num_groups, epsilon=1e-5, dtype=self.dtype, name=name)
         if self.norm == "layer":
             return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         return None

@@ -1,0 +1,62 @@
+"""vq_jax.nets.group_norm against numpy's formula and flax.linen.GroupNorm."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from vq_jax.nets.group_norm import GroupNorm
+
+
+def _params(c, seed=3):
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {
+            "scale": jnp.asarray(1 + 0.1 * rng.normal(size=c), jnp.float32),
+            "bias": jnp.asarray(0.1 * rng.normal(size=c), jnp.float32),
+        }
+    }
+
+
+@pytest.mark.parametrize("groups,c", [(32, 64), (4, 8), (1, 6), (6, 6)])
+def test_matches_numpy_formula(groups, c):
+    x = np.random.default_rng(0).normal(size=(3, 5, 4, c)) * 2 + 0.7
+    p = _params(c)
+    got = GroupNorm(groups, epsilon=1e-6).apply(p, jnp.asarray(x, jnp.float32))
+    xg = x.reshape(3, 5, 4, groups, c // groups)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    var = xg.var(axis=(1, 2, 4), keepdims=True)
+    want = ((xg - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+    want = want * np.asarray(p["params"]["scale"]) + np.asarray(p["params"]["bias"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_same_params_outputs_and_grads_as_flax():
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 32)) * 3 - 1
+    ref, mine = nn.GroupNorm(8, epsilon=1e-6), GroupNorm(8, epsilon=1e-6)
+    chex.assert_trees_all_equal(mine.init(jax.random.key(1), x), ref.init(jax.random.key(1), x))
+    p = _params(32)
+    chex.assert_trees_all_close(mine.apply(p, x), ref.apply(p, x), atol=1e-5)
+
+    def grads(m):
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(p, x)
+
+    chex.assert_trees_all_close(grads(mine), grads(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_compute_uses_float32_statistics():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16)) * 10 + 100  # large mean: bf16 E[x^2]
+    p = _params(16)
+    y = GroupNorm(4, dtype=jnp.bfloat16).apply(p, x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    want = nn.GroupNorm(4, epsilon=1e-6).apply(p, x.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=0.05)
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="not divisible by num_groups=4"):
+        GroupNorm(4).init(jax.random.key(0), jnp.zeros((1, 2, 2, 6)))
+    with pytest.raises(ValueError, match="NHWC"):
+        GroupNorm(4).init(jax.random.key(0), jnp.zeros((2, 8)))
