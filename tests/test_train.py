@@ -132,3 +132,18 @@ def test_checkpoint_round_trip_is_identical(tmp_path):
     ckpt.close()
     assert step == 7 and data_state == {"epoch": 1, "offset": 3} and cfg == {"seed": 0}
     chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(restored))
+
+
+def test_config_differences_ignore_compute_only_entries():
+    """A resumed workdir may switch the conv gradient implementation (same state shapes), or
+    come from a version without that key; a real shape change is still reported."""
+    from vq_jax import trainer
+
+    saved = {"model": {"ch": 8, "dtype": "float32"}, "quantizer": {"codebook_size": 32}}
+    current = {
+        "model": {"ch": 8, "dtype": "float32", "conv_weight_grad": "xla"},
+        "quantizer": {"codebook_size": 32},
+    }
+    assert trainer.config_differences(saved, current) == []
+    current["quantizer"]["codebook_size"] = 64
+    assert trainer.config_differences(saved, current) == ["quantizer.codebook_size: 32 -> 64"]

@@ -37,6 +37,8 @@ class NonFiniteError(FloatingPointError):
 # Config sections that fix the shapes of the train state; a workdir written with other values
 # cannot be resumed without `train.allow_config_change`.
 STATE_DEFINING = ("model", "quantizer", "discriminator", "input.resolution", "input.channels")
+# Entries inside those sections that choose how the same state is computed, not its shapes.
+COMPUTE_ONLY = ("model.conv_weight_grad",)
 
 
 def _flatten(d: Any, prefix: str) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         diffs += [
             f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
             for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k)
+            if a.get(k) != b.get(k) and k not in COMPUTE_ONLY
         ]
     return diffs
 
