@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -24,7 +25,7 @@ _TAMING = flags.DEFINE_string("taming_path", None, "Local taming-transformers ch
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (one subprocess per side each).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round, after 2 warm-up steps.")
 _THREADS = flags.DEFINE_integer("threads", 2, "torch intra-op threads (XLA uses every core).")
-_SIDE = flags.DEFINE_enum("side", None, ["torch", "jax"], "Internal: run one side and exit.")
+_SIDE = flags.DEFINE_enum("side", None, ["torch"], "Internal: run the taming side and exit.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 _CONFIG = "configs/vqvae.py:taming_cpu"
 
@@ -86,32 +87,29 @@ def _taming_step(taming_path: str, steps: int, threads: int) -> dict:
     }
 
 
-def _jax_step(steps: int) -> dict:
-    from benchmarks import step as step_bench
-    from configs import vqvae
-
-    return step_bench.bench(vqvae.get_config(_CONFIG.split(":")[1]), steps)
-
-
 def _run_side(side: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.vs_taming", f"--side={side}"]
-    cmd += [f"--steps={_STEPS.value}", f"--threads={_THREADS.value}"]
-    if _TAMING.value:
-        cmd.append(f"--taming_path={_TAMING.value}")
+    """One round of one side in a fresh subprocess; the jax side is benchmarks.step itself."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise SystemExit(f"the {side} side failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out_json = os.path.join(tmp, "result.json")
+        if side == "jax":
+            cmd = ["-m", "benchmarks.step", f"--config={_CONFIG}", f"--json={out_json}"]
+        else:
+            cmd = ["-m", "benchmarks.vs_taming", "--side=torch", f"--json={out_json}"]
+            cmd += [f"--taming_path={_TAMING.value}", f"--threads={_THREADS.value}"]
+        cmd.append(f"--steps={_STEPS.value}")
+        proc = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"the {side} side failed:\n{proc.stderr[-3000:]}")
+        with open(out_json) as f:
+            return json.load(f)
 
 
 def main(argv):
     del argv
     if _SIDE.value == "torch":
-        print(json.dumps(_taming_step(_TAMING.value, _STEPS.value, _THREADS.value)))
-        return
-    if _SIDE.value == "jax":
-        print(json.dumps(_jax_step(_STEPS.value)))
+        with open(_JSON.value, "w") as f:
+            json.dump(_taming_step(_TAMING.value, _STEPS.value, _THREADS.value), f)
         return
     if not _TAMING.value or not os.path.isdir(os.path.join(_TAMING.value, "taming")):
         raise app.UsageError(

@@ -1,0 +1,119 @@
+"""Per-layer throughput behind the step's speed work (BENCHMARKS.md, "attempts"): XLA's conv
+gradients against nets/conv.py's, and flax's GroupNorm against nets/group_norm.py's, at the
+VQ-VAE's shapes (batch 64).
+
+  JAX_PLATFORMS=cpu python -m benchmarks.layers
+
+Times are the minimum over --repeats calls (less sensitive to a busy machine than the median).
+"""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import linen as nn
+
+from vq_jax.nets import conv
+from vq_jax.nets.group_norm import GroupNorm
+
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (minimum taken).")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+
+# (name, H=W, C_in, C_out, kernel, stride, padding)
+CONVS = [
+    ("3x3 conv 32x32 64->64", 32, 64, 64, 3, 1, ((1, 1), (1, 1))),
+    ("3x3 conv 32x32 128->128 (upsample)", 32, 128, 128, 3, 1, ((1, 1), (1, 1))),
+    ("3x3 conv 16x16 128->128", 16, 128, 128, 3, 1, ((1, 1), (1, 1))),
+    ("3x3 conv 8x8 128->128", 8, 128, 128, 3, 1, ((1, 1), (1, 1))),
+    ("3x3 stride-2 conv 32x32 64->64 (downsample)", 32, 64, 64, 3, 2, ((0, 1), (0, 1))),
+    ("4x4 stride-2 conv 16x16 64->128 (PatchGAN)", 16, 64, 128, 4, 2, ((1, 1), (1, 1))),
+]
+
+
+def _min_time(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def conv_rows(repeats: int) -> list[dict]:
+    rows = []
+    for name, hw, cin, cout, k, s, pad in CONVS:
+        x = jax.random.normal(jax.random.key(0), (64, hw, hw, cin))
+        w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
+        y = conv.conv2d(x, w, (s, s), pad, "xla")
+        dy = jax.random.normal(jax.random.key(2), y.shape)
+        gflop = 2 * y.size * k * k * cin / 1e9
+
+        def grads(mode, argnum, s=s, pad=pad, dy=dy):
+            def f(inputs, kernel):
+                return jnp.vdot(conv.conv2d(inputs, kernel, (s, s), pad, mode), dy)
+
+            return jax.jit(jax.grad(f, argnums=argnum))
+
+        row = {"layer": name, "gflop": round(gflop, 3)}
+        row["forward"] = gflop / _min_time(
+            jax.jit(conv.conv2d, static_argnums=(2, 3, 4)),
+            x,
+            w,
+            (s, s),
+            pad,
+            "xla",
+            repeats=repeats,
+        )
+        for mode in ("xla", "patches"):
+            row[f"input_grad_{mode}"] = gflop / _min_time(grads(mode, 0), x, w, repeats=repeats)
+            row[f"kernel_grad_{mode}"] = gflop / _min_time(grads(mode, 1), x, w, repeats=repeats)
+        rows.append({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
+
+
+def group_norm_rows(repeats: int) -> list[dict]:
+    rows = []
+    for hw, c in ((32, 64), (32, 128), (16, 128)):
+        x = jax.random.normal(jax.random.key(0), (64, hw, hw, c))
+        row = {"layer": f"GroupNorm(32) 64x{hw}x{hw}x{c}"}
+        for label, mod in (("flax", nn.GroupNorm(32, epsilon=1e-6)), ("vq_jax", GroupNorm(32))):
+            p = mod.init(jax.random.key(1), x)
+            fwd = jax.jit(mod.apply)
+            bwd = jax.jit(jax.grad(lambda p, x, m=mod: jnp.sum(nn.swish(m.apply(p, x)))))
+            row[f"{label}_forward_ms"] = round(1e3 * _min_time(fwd, p, x, repeats=repeats), 2)
+            row[f"{label}_fwd_bwd_ms"] = round(1e3 * _min_time(bwd, p, x, repeats=repeats), 2)
+        rows.append(row)
+    return rows
+
+
+def main(argv):
+    del argv
+    print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}; GFLOP/s per pass")
+    convs = conv_rows(_REPEATS.value)
+    cols = [
+        "forward",
+        "input_grad_xla",
+        "input_grad_patches",
+        "kernel_grad_xla",
+        "kernel_grad_patches",
+    ]
+    print(f"{'layer':46s} " + " ".join(f"{c:>19s}" for c in cols))
+    for r in convs:
+        print(f"{r['layer']:46s} " + " ".join(f"{r[c]:19.1f}" for c in cols), flush=True)
+    norms = group_norm_rows(_REPEATS.value)
+    for r in norms:
+        print(json.dumps(r))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(
+                {"device": jax.devices()[0].device_kind, "convs": convs, "group_norm": norms},
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)
