@@ -1,0 +1,67 @@
+"""The benchmark scripts run end to end on tiny settings and report what BENCHMARKS.md quotes.
+
+These check the scripts work and their reports are complete and consistent, not speed.
+"""
+
+import json
+import os
+
+from subproc import run_script
+
+
+def _report(tmp_path, *args: str) -> dict:
+    out = os.path.join(tmp_path, "r.json")
+    run_script("-m", *args, f"--json={out}", devices=1)
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_step_benchmark_reports_flops_and_peak(tmp_path):
+    r = _report(tmp_path, "benchmarks.step", "--config=configs/vqgan.py:tiny", "--steps=2")
+    assert r["discriminator"] and r["conv_weight_grad"] == "auto"
+    assert r["gflop_per_step"] > 0 and r["matmul_peak_gflop_s"] > 0
+    assert r["min_step_s"] <= r["median_step_s"]
+    assert (
+        abs(r["achieved_gflop_s"] - r["gflop_per_step"] / r["median_step_s"])
+        < 0.1 + 0.01 * (r["achieved_gflop_s"])
+    )
+
+
+def test_quantizer_benchmark_rows(tmp_path):
+    r = _report(
+        tmp_path,
+        "benchmarks.quantizer",
+        "--tokens=256",
+        "--sizes=64,1024",
+        "--dims=8,32",
+        "--repeats=1",
+    )
+    assert [(row["codebook_size"], row["dim"]) for row in r["rows"]] == [
+        (64, 8),
+        (64, 32),
+        (1024, 8),
+        (1024, 32),
+    ]
+    for row in r["rows"]:
+        assert row["tokenize_tokens_per_s"] > 0 and row["train_tokens_per_s"] > 0
+        assert row["scratch_mib"] < row["nkd_tensor_mib"] or row["nkd_tensor_mib"] < 1
+
+
+def test_input_pipeline_benchmark(tmp_path):
+    r = _report(
+        tmp_path,
+        "benchmarks.input_pipeline",
+        "--config=configs/vqvae.py:tiny",
+        "--batches=4",
+        "--steps=2",
+    )
+    assert r["pipeline_images_per_s"] > 0 and r["step_images_per_s"] > 0
+    assert 0 <= r["data_wait_share"] <= 1
+
+
+def test_vs_taming_needs_a_checkout(tmp_path):
+    proc = run_script(
+        "-m", "benchmarks.vs_taming", f"--taming_path={tmp_path}", check=False, devices=1
+    )
+    assert proc.returncode != 0
+    assert "taming-transformers checkout" in proc.stderr
