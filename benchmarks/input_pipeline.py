@@ -9,7 +9,6 @@ loop spends blocked in `next(iterator)` as a share of the wall time. The step mu
 data: share close to 0, and pipeline images/s well above step images/s.
 """
 
-import functools
 import json
 import time
 
@@ -18,8 +17,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import common
 from vq_jax import data, trainer
-from vq_jax import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _BATCHES = flags.DEFINE_integer("batches", 50, "Batches for the pipeline-only measurement.")
@@ -56,15 +55,8 @@ def pipeline_rate(config, num_batches: int) -> float:
 
 def loop_rates(config, num_steps: int) -> dict:
     """The trainer's loop shape: next(it) -> global batch -> step; time blocked on data."""
-    comps = state_lib.build(config)
-    mesh = trainer.make_mesh()
-    repl = jax.NamedSharding(mesh, jax.P())
+    _, mesh, step, state, _, key = common.setup_step(config)
     batch_sharding = jax.NamedSharding(mesh, jax.P(trainer.DATA_AXIS))
-    key = jax.random.key(config.seed)
-    init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
-    abstract = jax.eval_shape(init_fn, key)
-    state = jax.jit(init_fn, out_shardings=repl)(key)
-    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
     it = _train_iter(config)
     batch = trainer.to_global(next(it), batch_sharding)
     step = step.lower(state, batch, key).compile()
@@ -90,10 +82,7 @@ def loop_rates(config, num_steps: int) -> dict:
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    if "discriminator" in config:
-        config.loss.disc_start = 0
-        config.loss.disc_train_start = 0
+    config = common.adversarial_on(_CONFIG.value)
     result = {
         "config": flags.FLAGS["config"].config_filename,
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

@@ -8,13 +8,13 @@ Times are the minimum over --repeats calls (less sensitive to a busy machine tha
 """
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import linen as nn
 
+from benchmarks import common
 from vq_jax.nets import conv
 from vq_jax.nets.group_norm import GroupNorm
 
@@ -33,13 +33,7 @@ CONVS = [
 
 
 def _min_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(common.time_calls(fn, *args, repeats=repeats))
 
 
 def conv_rows(repeats: int) -> list[dict]:

@@ -10,19 +10,16 @@ so the total can exceed the step's wall time). Kinds come from the ops' JAX sour
 """
 
 import collections
-import functools
 import glob
 import re
 import tempfile
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from jax._src.lib import _profile_data
 from ml_collections import config_flags
 
-from vq_jax import state as state_lib
-from vq_jax import trainer
+from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Profiled steps (after 2 warm-up steps).")
@@ -52,25 +49,7 @@ def op_kind(shape: str, opcode: str, op_name: str, rest: str) -> str:
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    if "discriminator" in config:
-        config.loss.disc_start = 0
-        config.loss.disc_train_start = 0
-    comps = state_lib.build(config)
-    mesh = trainer.make_mesh()
-    key = jax.random.key(config.seed)
-    init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
-    abstract = jax.eval_shape(init_fn, key)
-    state = jax.jit(init_fn, out_shardings=jax.NamedSharding(mesh, jax.P()))(key)
-    bs, r, c = config.input.batch_size, config.input.resolution, config.input.channels
-    batch = jax.device_put(
-        {
-            "image": jax.random.uniform(key, (bs, r, r, c), minval=-1, maxval=1),
-            "label": jnp.zeros((bs,), jnp.int32),
-        },
-        jax.NamedSharding(mesh, jax.P(trainer.DATA_AXIS)),
-    )
-    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
+    _, _, step, state, batch, key = common.setup_step(common.adversarial_on(_CONFIG.value))
     compiled = step.lower(state, batch, key).compile()
     instrs = {m[0]: m[1:] for m in _INSTR.findall(compiled.as_text())}
     for _ in range(2):

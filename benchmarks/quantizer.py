@@ -11,12 +11,12 @@ scratch stays at the order of [N, K], never [N, K, D].
 
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks import common
 from vq_jax.nets import quantizers
 
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Tokens per call (e.g. 64 images of 8x8).")
@@ -27,13 +27,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file
 
 
 def _median_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(common.time_calls(fn, *args, repeats=repeats))
 
 
 def bench_one(num_tokens: int, codebook_size: int, dim: int, repeats: int) -> dict:

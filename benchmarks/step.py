@@ -11,7 +11,6 @@ discriminator the adversarial terms are switched on from step 0, so the full G +
 """
 
 import copy
-import functools
 import json
 import statistics
 import time
@@ -21,8 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from vq_jax import state as state_lib
-from vq_jax import trainer
+from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
@@ -34,13 +32,7 @@ flags.mark_flags_as_required(["config"])
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     """Achieved float32 GFLOP/s of an n x n matmul: the practical peak of this device."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
+    times = common.time_calls(jax.jit(lambda x: x @ x), a, repeats=repeats)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
@@ -60,45 +52,23 @@ def model_flops(config, state, batch, key) -> float:
     """
     config = copy.deepcopy(config)
     config.model.conv_weight_grad = "xla"
-    comps = state_lib.build(config)
-    mesh = trainer.make_mesh()
-    init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
-    step = trainer.jit_train_step(
-        comps, trainer.loss_settings(config), mesh, jax.eval_shape(init_fn, key)
-    )
-    return flops_of(step.lower(state, batch, key).compile())
+    return flops_of(common.setup_step(config).step.lower(state, batch, key).compile())
 
 
 def bench(config, num_steps: int) -> dict:
-    comps = state_lib.build(config)
-    mesh = trainer.make_mesh()
-    repl = jax.NamedSharding(mesh, jax.P())
-    key = jax.random.key(config.seed)
-    init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
-    abstract = jax.eval_shape(init_fn, key)
-    state = jax.jit(init_fn, out_shardings=repl)(key)
-    bs, r, c = config.input.batch_size, config.input.resolution, config.input.channels
-    batch = jax.device_put(
-        {
-            "image": jax.random.uniform(key, (bs, r, r, c), minval=-1, maxval=1),
-            "label": jnp.zeros((bs,), jnp.int32),
-        },
-        jax.NamedSharding(mesh, jax.P(trainer.DATA_AXIS)),
-    )
-    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
+    comps, _, step, state, batch, key = common.setup_step(config)
+    bs, r, _, c = batch["image"].shape
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t0
     flops = model_flops(config, state, batch, key)
-    for _ in range(2):
-        state, m = compiled(state, batch, key)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(num_steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, batch, key)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
+    donated = [state]  # the step donates its state: each call feeds the previous call's output
+
+    def call():
+        donated[0], m = compiled(donated[0], batch, key)
+        return donated[0], m
+
+    times = common.time_calls(call, repeats=num_steps, warmup=2)
     median = statistics.median(times)
     peak = matmul_peak()
     return {
@@ -122,10 +92,7 @@ def bench(config, num_steps: int) -> dict:
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    if "discriminator" in config:  # time the full G + D step, not the warm-up branch
-        config.loss.disc_start = 0
-        config.loss.disc_train_start = 0
+    config = common.adversarial_on(_CONFIG.value)  # time the full G + D step
     if _BATCH.value:
         config.input.batch_size = _BATCH.value
     result = {"config": flags.FLAGS["config"].config_filename, **bench(config, _STEPS.value)}

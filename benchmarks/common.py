@@ -1,0 +1,65 @@
+"""What the benchmark scripts share: the tokenizer step on a synthetic batch, and call timing."""
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+
+from vq_jax import state as state_lib
+from vq_jax import trainer
+
+
+class StepSetup(NamedTuple):
+    """A config's jitted (not yet compiled) train step with an initial state and a batch."""
+
+    comps: state_lib.Components
+    mesh: jax.sharding.Mesh
+    step: Callable
+    state: Any
+    batch: dict[str, jax.Array]
+    key: jax.Array
+
+
+def adversarial_on(config: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Configs with a discriminator: adversarial terms from step 0, so the full G + D step runs."""
+    if "discriminator" in config:
+        config.loss.disc_start = 0
+        config.loss.disc_train_start = 0
+    return config
+
+
+def setup_step(config: mlc.ConfigDict) -> StepSetup:
+    """The train step of `config` as the trainer jits it, its initial state and a synthetic
+    batch (uniform images in [-1, 1], label 0) of the config's global shape."""
+    comps = state_lib.build(config)
+    mesh = trainer.make_mesh()
+    key = jax.random.key(config.seed)
+    init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
+    abstract = jax.eval_shape(init_fn, key)
+    state = jax.jit(init_fn, out_shardings=jax.NamedSharding(mesh, jax.P()))(key)
+    bs, r, c = config.input.batch_size, config.input.resolution, config.input.channels
+    batch = jax.device_put(
+        {
+            "image": jax.random.uniform(key, (bs, r, r, c), minval=-1, maxval=1),
+            "label": jnp.zeros((bs,), jnp.int32),
+        },
+        jax.NamedSharding(mesh, jax.P(trainer.DATA_AXIS)),
+    )
+    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
+    return StepSetup(comps, mesh, step, state, batch, key)
+
+
+def time_calls(fn: Callable, *args: Any, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of fn(*args) (results ready), after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
