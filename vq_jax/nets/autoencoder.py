@@ -171,6 +171,17 @@ class Upsample(nn.Module):
         return _conv3x3(self.channels, self.dtype, "conv", self.conv_weight_grad)(x)
 
 
+def _middle(owner: nn.Module, h: jax.Array, train: bool) -> jax.Array:
+    """The middle section both Encoder and Decoder share: res block, attention, res block, at
+    the input's channel count. Called from the owner's compact method, so the submodules are
+    the owner's (names mid_block_1, mid_attn_1, mid_block_2)."""
+    ch = h.shape[-1]
+    args = (owner.dropout, owner.num_groups, owner.dtype, owner.conv_weight_grad)
+    h = ResnetBlock(ch, *args, name="mid_block_1")(h, train)
+    h = AttnBlock(owner.num_groups, owner.dtype, name="mid_attn_1")(h)
+    return ResnetBlock(ch, *args, name="mid_block_2")(h, train)
+
+
 class Encoder(nn.Module):
     """Image [B, H, W, C] -> latent [B, H/f, W/f, z_channels] (float32), f = 2^(len(ch_mult)-1).
 
@@ -215,24 +226,7 @@ class Encoder(nn.Module):
                     h.shape[-1], self.dtype, self.conv_weight_grad, name=f"down_{i}_downsample"
                 )(h)
 
-        block_ch = h.shape[-1]
-        h = ResnetBlock(
-            block_ch,
-            self.dropout,
-            self.num_groups,
-            self.dtype,
-            self.conv_weight_grad,
-            name="mid_block_1",
-        )(h, train)
-        h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
-        h = ResnetBlock(
-            block_ch,
-            self.dropout,
-            self.num_groups,
-            self.dtype,
-            self.conv_weight_grad,
-            name="mid_block_2",
-        )(h, train)
+        h = _middle(self, h, train)
         h = nn.swish(_group_norm(self.num_groups, self.dtype, "norm_out")(h))
         h = _conv3x3(self.z_channels, self.dtype, "conv_out", self.conv_weight_grad)(h)
         return h.astype(jnp.float32)
@@ -267,23 +261,7 @@ class Decoder(nn.Module):
 
         block_ch = self.ch * self.ch_mult[-1]
         h = _conv3x3(block_ch, self.dtype, "conv_in", self.conv_weight_grad)(z.astype(self.dtype))
-        h = ResnetBlock(
-            block_ch,
-            self.dropout,
-            self.num_groups,
-            self.dtype,
-            self.conv_weight_grad,
-            name="mid_block_1",
-        )(h, train)
-        h = AttnBlock(self.num_groups, self.dtype, name="mid_attn_1")(h)
-        h = ResnetBlock(
-            block_ch,
-            self.dropout,
-            self.num_groups,
-            self.dtype,
-            self.conv_weight_grad,
-            name="mid_block_2",
-        )(h, train)
+        h = _middle(self, h, train)
 
         for i in reversed(range(len(self.ch_mult))):
             for j in range(self.num_res_blocks + 1):
