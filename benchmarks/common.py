@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the tokenizer step on a synthetic batch, and call timing."""
 
 import functools
+import json
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -63,3 +64,11 @@ def time_calls(fn: Callable, *args: Any, repeats: int, warmup: int = 1) -> list[
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return times
+
+
+def report(result: dict, json_path: str | None) -> None:
+    """Print a benchmark's result as JSON, and write it to `json_path` when one is given."""
+    print(json.dumps(result, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)

@@ -9,7 +9,6 @@ loop spends blocked in `next(iterator)` as a share of the wall time. The step mu
 data: share close to 0, and pipeline images/s well above step images/s.
 """
 
-import json
 import time
 
 import jax
@@ -93,10 +92,7 @@ def main(argv):
     result["pipeline_headroom"] = round(
         result["pipeline_images_per_s"] / result["step_images_per_s"], 1
     )
-    print(json.dumps(result, indent=2))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(result, f, indent=2)
+    common.report(result, _JSON.value)
 
 
 if __name__ == "__main__":

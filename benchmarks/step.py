@@ -11,7 +11,6 @@ discriminator the adversarial terms are switched on from step 0, so the full G +
 """
 
 import copy
-import json
 import statistics
 import time
 
@@ -96,10 +95,7 @@ def main(argv):
     if _BATCH.value:
         config.input.batch_size = _BATCH.value
     result = {"config": flags.FLAGS["config"].config_filename, **bench(config, _STEPS.value)}
-    print(json.dumps(result, indent=2))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(result, f, indent=2)
+    common.report(result, _JSON.value)
 
 
 if __name__ == "__main__":
