@@ -70,8 +70,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             dropout=0.0,
             num_groups=32,
             dtype="bfloat16",  # compute dtype; parameters stay float32
-            # conv kernel gradients: "auto" (chunked patch GEMMs on CPU, XLA's elsewhere), "xla",
-            # "patches"; same math, see vq_jax/nets/conv.py and BENCHMARKS.md
+            # conv gradients: "auto" (= "xla") or "patches" (im2col GEMMs); same math, see
+            # vq_jax/nets/conv.py and BENCHMARKS.md
             conv_weight_grad="auto",
         )
     )
@@ -179,9 +179,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             z_channels=8,
             num_groups=4,
             dtype="float32",
-            # XLA's own conv gradients: on these toy shapes the CPU patch GEMMs gain nothing and
-            # cost ~3 s more compile time per program (tests compile many)
-            conv_weight_grad="xla",
         )
         c.quantizer.update(kind="ema", codebook_size=32, embed_dim=8, dead_code_threshold=0.5)
         c.optimizer.generator = _optimizer(1e-3, b1=0.9, b2=0.99)

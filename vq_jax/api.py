@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import checkpoints
+from vq_jax import checkpoints, xla_options
 from vq_jax import state as state_lib
 from vq_jax.metrics import to_uint8
 
@@ -133,11 +133,17 @@ class Tokenizer:
 
     @functools.cached_property
     def _encode(self):
-        return jax.jit(lambda v, x: self.model.apply(v, x, method="encode")[1].indices)
+        return jax.jit(
+            lambda v, x: self.model.apply(v, x, method="encode")[1].indices,
+            compiler_options=xla_options.compiler_options(),
+        )
 
     @functools.cached_property
     def _decode(self):
-        return jax.jit(lambda v, t: self.model.apply(v, t, method="decode_indices"))
+        return jax.jit(
+            lambda v, t: self.model.apply(v, t, method="decode_indices"),
+            compiler_options=xla_options.compiler_options(),
+        )
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,H,W,C] (or float in [-1, 1]) -> int32 token grids [N, h, w]."""

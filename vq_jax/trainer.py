@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import api, checkpoints, data, metrics
+from vq_jax import api, checkpoints, data, metrics, xla_options
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
 from vq_jax.state import State
@@ -122,6 +122,7 @@ def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, abstract_state: Any) ->
         in_shardings=(state_sharding, jax.NamedSharding(mesh, jax.P(DATA_AXIS)), repl),
         out_shardings=(state_sharding, repl),
         donate_argnums=0,
+        compiler_options=xla_options.mesh_compiler_options(mesh),
     )
 
 
@@ -438,6 +439,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         steps_lib.make_eval_step(comps),
         in_shardings=(repl, repl, batch_sharding),
         out_shardings=repl,
+        compiler_options=xla_options.mesh_compiler_options(mesh),
     )
     n_grid = min(tc.num_sample_images, ic.eval_batch_size)
 
@@ -447,7 +449,10 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
 
     # Every process runs it (the arrays span all of them); the result is on every process.
     reconstruct = jax.jit(
-        grid_pairs, in_shardings=(repl, repl, batch_sharding), out_shardings=(repl, repl)
+        grid_pairs,
+        in_shardings=(repl, repl, batch_sharding),
+        out_shardings=(repl, repl),
+        compiler_options=xla_options.mesh_compiler_options(mesh),
     )
 
     def evaluate(state: State, step: int, writer: metrics.MetricWriter) -> dict[str, float]:
@@ -562,7 +567,12 @@ def cached_tokens(
         indices = tok.model.apply(variables, batch["image"], method="encode")[1].indices
         return {"tokens": indices, "label": batch["label"], "mask": batch["mask"]}
 
-    encode = jax.jit(encode, in_shardings=(repl, sharding), out_shardings=repl)
+    encode = jax.jit(
+        encode,
+        in_shardings=(repl, sharding),
+        out_shardings=repl,
+        compiler_options=xla_options.mesh_compiler_options(sharding.mesh),
+    )
     tokens = np.zeros((len(source), *expected), np.int32)
     labels = np.zeros((len(source),), np.int32)
     rows = np.arange(global_bs)

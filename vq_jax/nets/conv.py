@@ -1,12 +1,14 @@
-"""2-D convolution with gradients computed as GEMMs where XLA:CPU is slow (kernel gradients; strided
-input gradients).
+"""2-D convolution whose gradients can be computed as GEMMs (kernel gradients; strided input
+gradients) instead of by XLA.
 
-XLA lowers the kernel gradient of a conv to a "conv" with an H x W kernel and a 3 x 3 output,
-which its CPU backend runs at a fraction of the speed of its forward convs (profiled in
-BENCHMARKS.md: 38% of the VQ-VAE step), and the input gradient of a strided conv as a conv over
-a zero-dilated input, slower still. ``conv2d`` keeps XLA's forward conv and its unit-stride input
-gradient; for strided convs the input gradient is one GEMM plus a fused scatter-sum
-(``col2im_input_grad``); the kernel gradient is
+With XLA:CPU's YNNPACK convolutions (this jaxlib's default), the kernel gradient of a conv,
+which XLA lowers to a "conv" with an H x W kernel and a 3 x 3 output, ran at a fraction of the
+forward's speed (38% of the VQ-VAE step), and the input gradient of a strided conv, a conv over
+a zero-dilated input, slower still. With the Eigen convolutions that ``vq_jax.xla_options``
+selects, XLA's own gradients are as fast or faster, so "auto" means XLA's; "patches" stays
+selectable (BENCHMARKS.md section 6 has both). In "patches" mode ``conv2d`` keeps XLA's forward
+conv and its unit-stride input gradient; for strided convs the input gradient is one GEMM plus a
+fused scatter-sum (``col2im_input_grad``); the kernel gradient is
     dW[ky, kx, ci, co] = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co],
 an im2col GEMM ([kh*kw*Ci, b*Ho*Wo] @ [b*Ho*Wo, Co]) accumulated over chunks of a few images
 (``lax.scan``) so each chunk's patches stay in cache. The math is the same sum; only the order
@@ -136,11 +138,12 @@ def conv2d(
     weight_grad: str = "auto",
 ) -> jax.Array:
     """NHWC x HWIO conv. ``weight_grad``: "xla" (XLA's own), "patches" (chunked im2col GEMMs) or
-    "auto" (patches on the CPU backend, where it is faster; XLA's elsewhere)."""
+    "auto" (XLA's: with ``vq_jax.xla_options`` on CPU, as fast or faster; BENCHMARKS.md
+    section 6)."""
     if weight_grad not in WEIGHT_GRADS:
         raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
     if weight_grad == "auto":
-        weight_grad = "patches" if jax.default_backend() == "cpu" else "xla"
+        weight_grad = "xla"
     strides = tuple(int(s) for s in strides)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     if weight_grad == "xla":
