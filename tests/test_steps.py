@@ -119,6 +119,34 @@ def test_adaptive_weight_zero_before_disc_start():
     assert float(m["disc_active"]) == 1.0 and float(m["d_loss"]) > 0
 
 
+def test_select_on_cpu_gives_the_steps_of_lax_cond(monkeypatch):
+    """cond_or_select (both branches, then select) against lax.cond, across disc_start: step 0
+    has no adversarial terms and no D update, step 1 has both."""
+    config = vqgan.get_config("tiny")
+    config.loss.disc_start = 1
+    config.loss.disc_train_start = 1
+    comps, key, init_fn = _setup(config)
+    batch = _batch(config)
+
+    def two_steps():
+        step = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))
+        s0, m0 = step(init_fn(key), batch, key)
+        s1, m1 = step(s0, batch, key)
+        return s0, m0, s1, m1
+
+    monkeypatch.setattr(steps_lib, "_SELECT_ON", ("cpu",))
+    selected = two_steps()
+    monkeypatch.setattr(steps_lib, "_SELECT_ON", ())
+    branched = two_steps()
+    assert float(selected[1]["g_adv"]) == 0.0 and float(selected[1]["disc_active"]) == 0.0
+    assert float(selected[3]["g_adv"]) != 0.0 and float(selected[3]["disc_active"]) == 1.0
+    # States after step 0 and every measurement agree to float rounding. Step 1's states are
+    # not compared: Adam turns the rounding noise of zero-mean gradients (the attention's key
+    # bias, which softmax ignores) into full-size updates of either sign.
+    chex.assert_trees_all_close(selected[:2], branched[:2], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(selected[3], branched[3], rtol=1e-4, atol=1e-6)
+
+
 def _tree_equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))

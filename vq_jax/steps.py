@@ -19,6 +19,22 @@ from vq_jax import losses, metrics, prior_losses
 from vq_jax.nets.conv import conv2d
 from vq_jax.state import Components, PriorComponents, State, rng_stream
 
+# Backends whose compiler runs convolutions inside conditional branches far slower than outside:
+# XLA:CPU does not bring convs in `lax.cond` branches to its Eigen kernels (a 4x4 conv's kernel
+# gradient: 387 ms in a branch, 3.5 ms outside; BENCHMARKS.md section 6).
+_SELECT_ON = ("cpu",)
+
+
+def cond_or_select(pred: jax.Array, true_fn: Callable, false_fn: Callable, operand: Any) -> Any:
+    """``lax.cond(pred, true_fn, false_fn, operand)``; on the backends in ``_SELECT_ON`` both
+    branches run and the result is selected: the same values, and the same gradients while the
+    unused branch stays finite (it gets a zero cotangent)."""
+    if jax.default_backend() not in _SELECT_ON:
+        return jax.lax.cond(pred, true_fn, false_fn, operand)
+    on, off = true_fn(operand), false_fn(operand)
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on, off)
+
+
 Measurements = dict[str, jax.Array]
 
 
@@ -116,7 +132,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
         return loss, (aux, model_state, recon)
 
     def adversarial_terms(state, x, recon, rec, features, kernel):
-        """lambda * G_adv + feature matching from `disc_start` on (lax.cond: no D work before)."""
+        """lambda * G_adv + feature matching from `disc_start` on (zero before)."""
         disc_params = state["disc_params"]
 
         def active(recon):
@@ -147,7 +163,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             z = jnp.zeros((), jnp.float32)
             return z, {"g_adv": z, "adaptive_weight": z, "feature_matching": z}
 
-        return jax.lax.cond(state["step"] >= s.disc_start, active, inactive, recon)
+        return cond_or_select(state["step"] >= s.disc_start, active, inactive, recon)
 
     def discriminator_update(
         state: State, x: jax.Array, fake: jax.Array
@@ -202,7 +218,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             return state["disc_params"], state["disc_opt_state"], state["loss_state"], aux
 
         d_active = state["step"] >= s.disc_train_start
-        disc_params, opt_state, loss_state, aux = jax.lax.cond(d_active, active, inactive, None)
+        disc_params, opt_state, loss_state, aux = cond_or_select(d_active, active, inactive, None)
         aux["disc_active"] = d_active.astype(jnp.float32)
         aux["disc_lr"] = comps.disc_schedule(state["step"] - s.disc_train_start)
         new = dict(state, disc_params=disc_params, disc_opt_state=opt_state, loss_state=loss_state)
