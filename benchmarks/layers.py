@@ -2,7 +2,8 @@
 gradients against nets/conv.py's, and flax's GroupNorm against nets/group_norm.py's, at the
 VQ-VAE's shapes (batch 64).
 
-  JAX_PLATFORMS=cpu python -m benchmarks.layers
+  JAX_PLATFORMS=cpu python -m benchmarks.layers                   # as the trainer compiles
+  JAX_PLATFORMS=cpu python -m benchmarks.layers --noxla_options   # XLA:CPU's defaults (YNNPACK)
 
 Times are the minimum over --repeats calls (less sensitive to a busy machine than the median).
 """
@@ -15,11 +16,24 @@ from absl import app, flags
 from flax import linen as nn
 
 from benchmarks import common
+from vq_jax import xla_options
 from vq_jax.nets import conv
 from vq_jax.nets.group_norm import GroupNorm
 
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (minimum taken).")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
+_XLA_OPTIONS = flags.DEFINE_bool(
+    "xla_options", True, "Compile with vq_jax.xla_options, as the trainer does."
+)
+
+
+def _options() -> dict[str, str]:
+    return xla_options.compiler_options() if _XLA_OPTIONS.value else {}
+
+
+def _jit(fn, **kwargs):
+    return jax.jit(fn, compiler_options=_options(), **kwargs)
+
 
 # (name, H=W, C_in, C_out, kernel, stride, padding)
 CONVS = [
@@ -49,11 +63,11 @@ def conv_rows(repeats: int) -> list[dict]:
             def f(inputs, kernel):
                 return jnp.vdot(conv.conv2d(inputs, kernel, (s, s), pad, mode), dy)
 
-            return jax.jit(jax.grad(f, argnums=argnum))
+            return _jit(jax.grad(f, argnums=argnum))
 
         row = {"layer": name, "gflop": round(gflop, 3)}
         row["forward"] = gflop / _min_time(
-            jax.jit(conv.conv2d, static_argnums=(2, 3, 4)),
+            _jit(conv.conv2d, static_argnums=(2, 3, 4)),
             x,
             w,
             (s, s),
@@ -75,8 +89,8 @@ def group_norm_rows(repeats: int) -> list[dict]:
         row = {"layer": f"GroupNorm(32) 64x{hw}x{hw}x{c}"}
         for label, mod in (("flax", nn.GroupNorm(32, epsilon=1e-6)), ("vq_jax", GroupNorm(32))):
             p = mod.init(jax.random.key(1), x)
-            fwd = jax.jit(mod.apply)
-            bwd = jax.jit(jax.grad(lambda p, x, m=mod: jnp.sum(nn.swish(m.apply(p, x)))))
+            fwd = _jit(mod.apply)
+            bwd = _jit(jax.grad(lambda p, x, m=mod: jnp.sum(nn.swish(m.apply(p, x)))))
             row[f"{label}_forward_ms"] = round(1e3 * _min_time(fwd, p, x, repeats=repeats), 2)
             row[f"{label}_fwd_bwd_ms"] = round(1e3 * _min_time(bwd, p, x, repeats=repeats), 2)
         rows.append(row)
@@ -103,7 +117,12 @@ def main(argv):
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(
-                {"device": jax.devices()[0].device_kind, "convs": convs, "group_norm": norms},
+                {
+                    "device": jax.devices()[0].device_kind,
+                    "compiler_options": _options(),
+                    "convs": convs,
+                    "group_norm": norms,
+                },
                 f,
                 indent=2,
             )

@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
+from vq_jax import xla_options
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
@@ -77,6 +78,7 @@ def bench(config, num_steps: int) -> dict:
         "discriminator": comps.disc is not None,
         "dtype": config.model.dtype,
         "conv_weight_grad": config.model.get("conv_weight_grad", "auto"),
+        "compiler_options": xla_options.compiler_options(),
         "compile_s": round(compile_s, 2),
         "median_step_s": round(median, 4),
         "min_step_s": round(min(times), 4),
