@@ -1,8 +1,9 @@
 """XLA compiler options that vq-jax compiles its conv programs with, per backend.
 
 On CPU, this jaxlib (0.10) hands convolutions to YNNPACK ("__ynn_fusion" in the compiled HLO)
-by default. At the VQ-VAE's shapes those run at 170-240 GFLOP/s, against 350-470 GFLOP/s for
-XLA:CPU's Eigen convolutions (benchmarks/layers.py, BENCHMARKS.md section 6). The option below
+by default. At the VQ-VAE's shapes XLA:CPU's Eigen convolutions compute the kernel gradients
+1.3-3.6x faster and the 32x32 layers' forward passes 1.2-1.65x faster (benchmarks/layers.py,
+BENCHMARKS.md section 6). The option below
 lists the YNNPACK fusion kinds to keep, dots and reductions: this jaxlib's default list less
 its convolutions (as ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
 would say it; compiler options take the full list, not a +/- edit). The values are the
