@@ -1,51 +1,31 @@
-"""vq_jax.nets.conv: the patch-GEMM kernel gradient equals the conv's kernel gradient.
-
-The reference kernel gradient is computed in numpy from its definition,
-    dW[ky, kx, ci, co] = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co],
-and the reference input gradient by jax.grad of XLA's own conv.
-"""
+"""vq_jax.nets.conv: the patch-GEMM kernel gradient and the GEMM strided input gradient equal
+their definitions (numpy, tests/conv_reference.py); the module equals flax's Conv."""
 
 import chex
+import conv_reference as ref_conv
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
+from vq_jax import native
 from vq_jax.nets import conv
 
-CASES = [  # kernel, strides, padding, in, out, batch
-    ((3, 3), (1, 1), ((1, 1), (1, 1)), 8, 16, 5),  # the autoencoder's 3x3 conv; prime batch
-    ((3, 3), (2, 2), ((0, 1), (0, 1)), 8, 8, 4),  # the encoder's Downsample
-    ((1, 1), (1, 1), ((0, 0), (0, 0)), 8, 12, 3),  # nin_shortcut / quant_conv
-    ((4, 4), (2, 2), ((1, 1), (1, 1)), 3, 8, 2),  # PatchGAN conv
-]
-
-
-def numpy_kernel_grad(x, dy, kernel_hw, strides, padding):
-    (kh, kw), (sh, sw) = kernel_hw, strides
-    xp = np.pad(x, ((0, 0), *padding, (0, 0))).astype(np.float64)
-    _, ho, wo, _ = dy.shape
-    out = np.zeros((kh, kw, x.shape[-1], dy.shape[-1]))
-    for ky in range(kh):
-        for kx in range(kw):
-            win = xp[:, ky : ky + sh * (ho - 1) + 1 : sh, kx : kx + sw * (wo - 1) + 1 : sw]
-            out[ky, kx] = np.einsum("bijc,bijo->co", win, dy.astype(np.float64))
-    return out
+CASES = ref_conv.CASES
 
 
 @pytest.mark.parametrize("kernel_hw,strides,padding,cin,cout,batch", CASES)
 def test_kernel_grad_matches_definition(kernel_hw, strides, padding, cin, cout, batch):
     x = np.asarray(jax.random.normal(jax.random.key(0), (batch, 8, 8, cin)))
-    ho = (8 + sum(padding[0]) - kernel_hw[0]) // strides[0] + 1
-    wo = (8 + sum(padding[1]) - kernel_hw[1]) // strides[1] + 1
+    ho, wo = ref_conv.out_hw(8, kernel_hw, strides, padding)
     dy = np.asarray(jax.random.normal(jax.random.key(1), (batch, ho, wo, cout)))
     got = jax.jit(
         lambda x, dy: conv.patches_kernel_grad(x, dy, (*kernel_hw, cin, cout), strides, padding)
     )(x, dy)
     chex.assert_shape(got, (*kernel_hw, cin, cout))
     np.testing.assert_allclose(
-        got, numpy_kernel_grad(x, dy, kernel_hw, strides, padding), rtol=1e-5, atol=1e-4
+        got, ref_conv.kernel_grad(x, dy, kernel_hw, strides, padding), rtol=1e-5, atol=1e-4
     )
 
 
@@ -63,7 +43,8 @@ def test_module_matches_flax_conv(kernel_hw, strides, padding, cin, cout, batch)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
     want = grads(ref)
-    for mode in ("patches", "xla", "auto"):
+    modes = ("patches", "xla", "auto") + (("onednn",) if native.available() else ())
+    for mode in modes:
         mine = conv.Conv(cout, kernel_hw, strides, padding, weight_grad=mode)
         chex.assert_trees_all_equal(mine.init(jax.random.key(1), x), params)
         chex.assert_trees_all_close(mine.apply(params, x), ref.apply(params, x), atol=1e-5)
@@ -87,7 +68,7 @@ def test_bfloat16_kernel_grad_accumulates_in_float32():
         x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16), (3, 3, 32, 32), (1, 1), pad
     )
     assert got.dtype == jnp.float32
-    want = numpy_kernel_grad(
+    want = ref_conv.kernel_grad(
         np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)),
         np.asarray(dy.astype(jnp.bfloat16).astype(jnp.float32)),
         (3, 3),
@@ -136,17 +117,11 @@ def test_no_bias_and_custom_init_match_flax_conv():
 @pytest.mark.parametrize("size", [8, 9])
 def test_strided_input_grad_matches_definition(kernel_hw, strides, padding, cin, cout, batch, size):
     """dx_pad[b, s*i + ky, s*j + kx, ci] += sum_co dy[b, i, j, co] * W[ky, kx, ci, co]."""
-    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel_hw, strides, padding
-    ho, wo = (size + pt + pb - kh) // sh + 1, (size + pl + pr - kw) // sw + 1
+    kh, kw = kernel_hw
+    ho, wo = ref_conv.out_hw(size, kernel_hw, strides, padding)
     dy = np.asarray(jax.random.normal(jax.random.key(0), (batch, ho, wo, cout)), np.float64)
     w = np.asarray(jax.random.normal(jax.random.key(1), (kh, kw, cin, cout)), np.float64)
-    want = np.zeros((batch, size + pt + pb, size + pl + pr, cin))
-    for i in range(ho):
-        for j in range(wo):
-            want[:, sh * i : sh * i + kh, sw * j : sw * j + kw] += np.einsum(
-                "bo,yxco->byxc", dy[:, i, j], w
-            )
-    want = want[:, pt : pt + size, pl : pl + size]
+    want = ref_conv.input_grad(dy, w, (batch, size, size, cin), strides, padding)
     got = conv.col2im_input_grad(
         jnp.asarray(dy, jnp.float32),
         jnp.asarray(w, jnp.float32),

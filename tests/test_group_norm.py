@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from vq_jax import native
 from vq_jax.nets.group_norm import GroupNorm
 
 
@@ -60,3 +61,60 @@ def test_rejects_bad_shapes():
         GroupNorm(4).init(jax.random.key(0), jnp.zeros((1, 2, 2, 6)))
     with pytest.raises(ValueError, match="NHWC"):
         GroupNorm(4).init(jax.random.key(0), jnp.zeros((2, 8)))
+
+
+needs_native = pytest.mark.skipif(
+    not native.available(), reason="native kernels not built (pip install '.[onednn]')"
+)
+
+
+@needs_native
+@pytest.mark.parametrize("groups,c", [(32, 64), (4, 8), (1, 6), (6, 6)])
+@pytest.mark.parametrize("swish", [False, True])
+def test_native_matches_numpy_formula(groups, c, swish):
+    """The CPU kernel's GroupNorm (+ swish) against float64 numpy, over a range that includes
+    saturated sigmoids (|y| up to ~60)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 4, c)) * 2 + 0.7
+    p = _params(c)
+    p["params"]["scale"] = p["params"]["scale"] * 15
+    got = jax.jit(GroupNorm(groups, 1e-6, swish=swish, impl="native").apply)(
+        p, jnp.asarray(x, jnp.float32)
+    )
+    xg = x.reshape(3, 5, 4, groups, c // groups)
+    y = (xg - xg.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(
+        xg.var(axis=(1, 2, 4), keepdims=True) + 1e-6
+    )
+    y = y.reshape(x.shape) * np.asarray(p["params"]["scale"], np.float64)
+    y += np.asarray(p["params"]["bias"], np.float64)
+    want = y / (1 + np.exp(-y)) if swish else y
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("swish", [False, True])
+def test_native_gradients_match_the_xla_formulation(swish):
+    """Input and parameter gradients of the kernel's backward pass against jax.grad of the jnp
+    GroupNorm (itself checked against flax above); an odd spatial size and batch."""
+    x = jax.random.normal(jax.random.key(0), (5, 7, 3, 32)) * 3 - 1
+    p = _params(32)
+    dy = jax.random.normal(jax.random.key(1), x.shape)
+
+    def grads(impl):
+        m = GroupNorm(8, 1e-6, swish=swish, impl=impl)
+        return jax.jit(jax.grad(lambda p, x: jnp.vdot(m.apply(p, x), dy), argnums=(0, 1)))(p, x)
+
+    chex.assert_trees_all_close(grads("native"), grads("xla"), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_only_for_float32():
+    """bf16 compute falls back to the jnp formulation (the kernel is float32)."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).astype(jnp.bfloat16)
+    m = GroupNorm(4, dtype=jnp.bfloat16, swish=True, impl="native")
+    p = _params(8)
+    assert "vq_jax_group_norm" not in str(jax.make_jaxpr(m.apply)(p, x))
+    f32 = GroupNorm(4, swish=True, impl="native")
+    assert "vq_jax_group_norm" in str(jax.make_jaxpr(f32.apply)(p, x.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        GroupNorm(4, impl="fast").init(jax.random.key(0), x)

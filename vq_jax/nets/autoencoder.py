@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vq_jax.nets.conv import Conv
+from vq_jax.nets.conv import Conv, resolve
 from vq_jax.nets.group_norm import GroupNorm
 
 Dtype = jnp.dtype | type
@@ -67,8 +67,13 @@ def conv1x1(features: int, dtype: Dtype, name: str | None, weight_grad: str = "a
     )
 
 
-def _group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> GroupNorm:
-    return GroupNorm(num_groups=num_groups, epsilon=_GN_EPS, dtype=dtype, name=name)
+def _group_norm(
+    num_groups: int, dtype: Dtype, name: str | None = None, swish: bool = False, mode: str = "xla"
+) -> GroupNorm:
+    """GroupNorm (then swish); with the native kernels where the convs use oneDNN (`mode` is the
+    blocks' conv mode)."""
+    impl = "native" if resolve(mode) == "onednn" else "xla"
+    return GroupNorm(num_groups, _GN_EPS, dtype, swish=swish, impl=impl, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -89,11 +94,10 @@ class ResnetBlock(nn.Module):
         in_channels = x.shape[-1]
         _check_groups(in_channels, self.num_groups, "ResnetBlock input")
         _check_groups(self.out_channels, self.num_groups, "ResnetBlock output")
-        h = _group_norm(self.num_groups, self.dtype, "norm1")(x)
-        h = nn.swish(h)
-        h = _conv3x3(self.out_channels, self.dtype, "conv1", self.conv_weight_grad)(h)
-        h = _group_norm(self.num_groups, self.dtype, "norm2")(h)
-        h = nn.swish(h)
+        mode = self.conv_weight_grad
+        h = _group_norm(self.num_groups, self.dtype, "norm1", True, mode)(x)
+        h = _conv3x3(self.out_channels, self.dtype, "conv1", mode)(h)
+        h = _group_norm(self.num_groups, self.dtype, "norm2", True, mode)(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv3x3(self.out_channels, self.dtype, "conv2", self.conv_weight_grad)(h)
         if in_channels != self.out_channels:
@@ -227,7 +231,7 @@ class Encoder(nn.Module):
                 )(h)
 
         h = _middle(self, h, train)
-        h = nn.swish(_group_norm(self.num_groups, self.dtype, "norm_out")(h))
+        h = _group_norm(self.num_groups, self.dtype, "norm_out", True, self.conv_weight_grad)(h)
         h = _conv3x3(self.z_channels, self.dtype, "conv_out", self.conv_weight_grad)(h)
         return h.astype(jnp.float32)
 
@@ -280,7 +284,7 @@ class Decoder(nn.Module):
                     h.shape[-1], self.dtype, self.conv_weight_grad, name=f"up_{i}_upsample"
                 )(h)
 
-        h = nn.swish(_group_norm(self.num_groups, self.dtype, "norm_out")(h))
+        h = _group_norm(self.num_groups, self.dtype, "norm_out", True, self.conv_weight_grad)(h)
         # Input of the last layer, recorded only when "intermediates" is mutable: with it the
         # adaptive GAN weight gets d(loss)/d(conv_out kernel) without a second decoder backward.
         self.sow("intermediates", "conv_out_input", h)

@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vq_jax import native
+
 Dtype = jnp.dtype | type
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DN = ("NHWC", "HWIO", "NHWC")
 _CHUNK_BYTES = 4 * 2**20  # patch bytes per scan chunk: about what stays cached on a CPU core
-WEIGHT_GRADS = ("auto", "xla", "patches")
+WEIGHT_GRADS = ("auto", "xla", "patches", "onednn")
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding):
@@ -130,6 +132,80 @@ def _bwd(strides, padding, res, dy):
 _conv_patches_grad.defvjp(_fwd, _bwd)
 
 
+# oneDNN's three passes, each a custom_vjp whose VJP is made of the other two (all three are
+# linear in each argument), so the conv can be differentiated any number of times (R1 penalty).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x, kernel, strides, padding):
+    return native.conv_forward(x, kernel, strides, padding)
+
+
+def _onednn_conv_fwd(x, kernel, strides, padding):
+    return _onednn_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _onednn_conv_bwd(strides, padding, res, dy):
+    x, kernel = res
+    dy = dy.astype(x.dtype)
+    return (
+        _onednn_input_grad(dy, kernel, x.shape, strides, padding),
+        _onednn_kernel_grad(x, dy, kernel.shape, strides, padding),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn_input_grad(dy, kernel, x_shape, strides, padding):
+    return native.conv_input_grad(dy, kernel, x_shape, strides, padding)
+
+
+def _onednn_input_grad_fwd(dy, kernel, x_shape, strides, padding):
+    return _onednn_input_grad(dy, kernel, x_shape, strides, padding), (dy, kernel)
+
+
+def _onednn_input_grad_bwd(x_shape, strides, padding, res, ddx):
+    dy, kernel = res
+    ddx = ddx.astype(dy.dtype)
+    return (
+        _onednn_conv(ddx, kernel, strides, padding),
+        _onednn_kernel_grad(ddx, dy, kernel.shape, strides, padding),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn_kernel_grad(x, dy, kernel_shape, strides, padding):
+    return native.conv_kernel_grad(x, dy, kernel_shape, strides, padding)
+
+
+def _onednn_kernel_grad_fwd(x, dy, kernel_shape, strides, padding):
+    return _onednn_kernel_grad(x, dy, kernel_shape, strides, padding), (x, dy)
+
+
+def _onednn_kernel_grad_bwd(kernel_shape, strides, padding, res, ddw):
+    x, dy = res
+    ddw = ddw.astype(x.dtype)
+    return (
+        _onednn_input_grad(dy, ddw, x.shape, strides, padding),
+        _onednn_conv(x, ddw, strides, padding),
+    )
+
+
+_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+_onednn_input_grad.defvjp(_onednn_input_grad_fwd, _onednn_input_grad_bwd)
+_onednn_kernel_grad.defvjp(_onednn_kernel_grad_fwd, _onednn_kernel_grad_bwd)
+
+
+def resolve(weight_grad: str) -> str:
+    """The mode "auto" stands for here: "onednn" where a single CPU device runs the program and
+    the oneDNN kernels can be built, else "xla". (Several devices: a custom call has no sharding
+    rule, so XLA would gather its operands onto every device.)"""
+    if weight_grad not in WEIGHT_GRADS:
+        raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
+    if weight_grad != "auto":
+        return weight_grad
+    if jax.default_backend() == "cpu" and jax.device_count() == 1 and native.available():
+        return "onednn"
+    return "xla"
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
@@ -137,18 +213,24 @@ def conv2d(
     padding: Padding = ((0, 0), (0, 0)),
     weight_grad: str = "auto",
 ) -> jax.Array:
-    """NHWC x HWIO conv. ``weight_grad``: "xla" (XLA's own), "patches" (chunked im2col GEMMs) or
-    "auto" (XLA's: with ``vq_jax.xla_options`` on CPU, as fast or faster; BENCHMARKS.md
-    section 6)."""
-    if weight_grad not in WEIGHT_GRADS:
-        raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
-    if weight_grad == "auto":
-        weight_grad = "xla"
+    """NHWC x HWIO conv. ``weight_grad`` picks how it and its gradients are computed (the same
+    sums in another order): "xla" (XLA's own), "patches" (XLA's forward, chunked im2col GEMM
+    kernel gradients), "onednn" (forward and both gradients by oneDNN on CPU, XLA's elsewhere;
+    ``vq_jax.onednn``) or "auto" (see ``resolve``; BENCHMARKS.md section 6)."""
+    weight_grad = resolve(weight_grad)
     strides = tuple(int(s) for s in strides)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if weight_grad == "xla":
+    if weight_grad == "xla" or (weight_grad == "onednn" and x.dtype not in native.DTYPES):
         return _xla_conv(x, kernel, strides, padding)
-    return _conv_patches_grad(x, kernel, strides, padding)
+    if weight_grad == "patches":
+        return _conv_patches_grad(x, kernel, strides, padding)
+    native.require()
+    return jax.lax.platform_dependent(
+        x,
+        kernel,
+        cpu=lambda x_, k_: _onednn_conv(x_, k_, strides, padding),
+        default=lambda x_, k_: _xla_conv(x_, k_, strides, padding),
+    )
 
 
 class Conv(nn.Module):

@@ -1,0 +1,221 @@
+"""Native CPU kernels as XLA FFI custom calls: build once, load, register, call.
+
+- ``csrc/onednn_conv.cc``: convolutions through oneDNN, the library behind PyTorch's CPU
+  convolutions. XLA:CPU computes a conv's kernel gradient only after transposing its NHWC
+  operands into other layouts, and a strided conv's input gradient as a slow dilated conv
+  (BENCHMARKS.md section 6); oneDNN computes the forward pass and both gradients directly on
+  NHWC activations and HWIO kernels.
+- ``csrc/group_norm_swish.cc``: GroupNorm (+ swish), forward and backward, two sweeps each,
+  parallel over the batch. XLA:CPU runs these fusions single-threaded.
+
+This module compiles both files with the system C++ compiler against the oneDNN of the
+``onednn`` extra (``pip install 'vq-jax[onednn]'``) the first time they are needed, caches the
+shared library (keyed by sources, jaxlib, oneDNN, compiler and CPU), and registers the handlers
+with JAX for the CPU platform. ``vq_jax.nets.conv`` and ``vq_jax.nets.group_norm`` use them.
+
+Prebuild (e.g. in a Docker image): ``python -m vq_jax.native``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = (_CSRC / "onednn_conv.cc", _CSRC / "group_norm_swish.cc")
+_TARGETS = {  # custom-call name -> symbol in the library
+    "vq_jax_onednn_conv_forward": "VqOnednnConvForward",
+    "vq_jax_onednn_conv_backward_data": "VqOnednnConvBackwardData",
+    "vq_jax_onednn_conv_backward_weights": "VqOnednnConvBackwardWeights",
+    "vq_jax_group_norm_forward": "VqGroupNormForward",
+    "vq_jax_group_norm_backward": "VqGroupNormBackward",
+}
+DTYPES = (jnp.float32, jnp.bfloat16)
+INSTALL_HINT = (
+    "install the oneDNN extra and a C++ compiler (`pip install 'vq-jax[onednn]'`, "
+    "`apt-get install g++`), or set config.model.conv_weight_grad='xla'"
+)
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernels cannot be used here; the message says why and what to install."""
+
+
+def onednn_root() -> Path | None:
+    """The prefix holding oneDNN >= 3 headers and library: $VQ_JAX_ONEDNN_ROOT, else the Python
+    environment (where the pip wheels `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` put them)."""
+    candidates = [os.environ.get("VQ_JAX_ONEDNN_ROOT"), sys.prefix, sys.base_prefix]
+    for root in filter(None, candidates):
+        version = Path(root, "include", "oneapi", "dnnl", "dnnl_version.h")
+        if version.is_file() and Path(root, "lib", "libdnnl.so").exists():
+            major = re.search(r"#define DNNL_VERSION_MAJOR (\d+)", version.read_text())
+            if major and int(major.group(1)) >= 3:
+                return Path(root)
+    return None
+
+
+def _compile_command(root: Path, out: Path) -> list[str]:
+    cxx = os.environ.get("CXX", "g++")
+    return [
+        cxx, "-std=c++17", "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-w",
+        f"-I{jax.ffi.include_dir()}", f"-I{root / 'include'}",
+        *map(str, SOURCES), f"-L{root / 'lib'}", "-ldnnl", f"-Wl,-rpath,{root / 'lib'}",
+        "-o", str(out),
+    ]  # fmt: skip
+
+
+def _cpu_signature() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return platform.processor().encode()
+
+
+def library_path(root: Path) -> Path:
+    """Where the built library is cached: one file per (sources, jaxlib, oneDNN, compiler, CPU);
+    it is built with -march=native, so a cache shared between machines keeps one per CPU."""
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
+    version = (root / "include" / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()
+    digest.update(f"{jaxlib.__version__}|{root}|{os.environ.get('CXX', 'g++')}".encode())
+    digest.update(version + _cpu_signature())
+    cache = os.environ.get("VQ_JAX_CACHE_DIR") or Path.home() / ".cache" / "vq_jax"
+    return Path(cache) / f"libvq_jax_native_{digest.hexdigest()[:16]}.so"
+
+
+def build(verbose: bool = True) -> Path:
+    """Compile csrc/*.cc (seconds) unless the cached library exists; its path."""
+    root = onednn_root()
+    if root is None:
+        raise NativeUnavailable(f"oneDNN >= 3 headers and libdnnl.so not found; {INSTALL_HINT}.")
+    out = library_path(root)
+    if out.exists():
+        return out
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise NativeUnavailable(f"no C++ compiler {cxx!r} for the oneDNN convs; {INSTALL_HINT}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if verbose:
+        logging.info("vq_jax: building the native CPU kernels once into %s", out)
+    # Build into a temporary name, then rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(_compile_command(root, Path(tmp)), capture_output=True, text=True)
+        if proc.returncode:
+            raise NativeUnavailable(
+                f"building the native kernels failed ({' '.join(_compile_command(root, out))}):\n"
+                f"{proc.stderr[-3000:]}"
+            )
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build if needed, load and register the handlers; the reason when that is impossible."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (NativeUnavailable, OSError) as e:
+        return str(e)
+    for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
+    return None
+
+
+def available() -> bool:
+    """Whether the native kernels can be used (builds them on the first call)."""
+    return _load() is None
+
+
+def require() -> None:
+    """Raise NativeUnavailable, naming the fix, unless the native kernels can be used."""
+    reason = _load()
+    if reason is not None:
+        raise NativeUnavailable(reason)
+
+
+def _attrs(strides, padding) -> dict[str, np.ndarray]:
+    (pt, pb), (pl, pr) = padding
+    return {
+        "strides": np.asarray(strides, np.int64),
+        "padding": np.asarray((pt, pb, pl, pr), np.int64),
+    }
+
+
+def _out_hw(x_shape, kernel_shape, strides, padding) -> tuple[int, int]:
+    return tuple(
+        (x_shape[1 + i] + sum(padding[i]) - kernel_shape[i]) // strides[i] + 1 for i in range(2)
+    )
+
+
+def _call(name: str, out_shape, dtype, *args, strides, padding) -> jax.Array:
+    out = jax.ShapeDtypeStruct(tuple(out_shape), dtype)
+    return jax.ffi.ffi_call(name, out)(*args, **_attrs(strides, padding))
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+    """y = conv(x, kernel): NHWC x HWIO through oneDNN (CPU only; call `require()` first)."""
+    ho, wo = _out_hw(x.shape, kernel.shape, strides, padding)
+    y_shape = (x.shape[0], ho, wo, kernel.shape[3])
+    return _call(
+        "vq_jax_onednn_conv_forward", y_shape, x.dtype, x, kernel, strides=strides, padding=padding
+    )
+
+
+def conv_input_grad(dy: jax.Array, kernel: jax.Array, x_shape, strides, padding) -> jax.Array:
+    """d(sum(conv(x, kernel) * dy)) / dx for x of shape `x_shape`."""
+    name = "vq_jax_onednn_conv_backward_data"
+    return _call(name, x_shape, dy.dtype, dy, kernel, strides=strides, padding=padding)
+
+
+def conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, padding) -> jax.Array:
+    """d(sum(conv(x, kernel) * dy)) / dkernel for a kernel of shape `kernel_shape`."""
+    name = "vq_jax_onednn_conv_backward_weights"
+    return _call(name, kernel_shape, x.dtype, x, dy, strides=strides, padding=padding)
+
+
+def group_norm_forward(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float, swish: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(out, mean [B, G], rstd [B, G]) of GroupNorm (then swish) over float32 NHWC `x`."""
+    b = x.shape[0]
+    stats = jax.ShapeDtypeStruct((b, num_groups), jnp.float32)
+    outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats)
+    return jax.ffi.ffi_call("vq_jax_group_norm_forward", outs)(
+        x, scale, bias, num_groups=np.int32(num_groups), epsilon=np.float32(epsilon), swish=swish
+    )
+
+
+def group_norm_backward(
+    x, scale, bias, mean, rstd, dout, num_groups: int, swish: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dx, dscale, dbias) of sum(group_norm_forward(x, scale, bias)[0] * dout)."""
+    outs = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, scale, bias))
+    return jax.ffi.ffi_call("vq_jax_group_norm_backward", outs)(
+        x, scale, bias, mean, rstd, dout, num_groups=np.int32(num_groups), swish=swish
+    )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    require()
+    print(build(verbose=False))
