@@ -1,6 +1,6 @@
 """Per-layer throughput behind the step's speed work (BENCHMARKS.md, "attempts"): XLA's conv
-gradients against nets/conv.py's, and flax's GroupNorm against nets/group_norm.py's, at the
-VQ-VAE's shapes (batch 64).
+gradients against nets/conv.py's patch GEMMs and oneDNN's (vq_jax.native), and flax's GroupNorm
++ swish against nets/group_norm.py's (jnp and native kernel), at the VQ-VAE's shapes (batch 64).
 
   JAX_PLATFORMS=cpu python -m benchmarks.layers                   # as the trainer compiles
   JAX_PLATFORMS=cpu python -m benchmarks.layers --noxla_options   # XLA:CPU's defaults (YNNPACK)
@@ -16,7 +16,7 @@ from absl import app, flags
 from flax import linen as nn
 
 from benchmarks import common
-from vq_jax import xla_options
+from vq_jax import native, xla_options
 from vq_jax.nets import conv
 from vq_jax.nets.group_norm import GroupNorm
 
@@ -66,18 +66,20 @@ def conv_rows(repeats: int) -> list[dict]:
             return _jit(jax.grad(f, argnums=argnum))
 
         row = {"layer": name, "gflop": round(gflop, 3)}
-        row["forward"] = gflop / _min_time(
-            _jit(conv.conv2d, static_argnums=(2, 3, 4)),
-            x,
-            w,
-            (s, s),
-            pad,
-            "xla",
-            repeats=repeats,
-        )
+        forward = _jit(conv.conv2d, static_argnums=(2, 3, 4))
+        row["forward"] = gflop / _min_time(forward, x, w, (s, s), pad, "xla", repeats=repeats)
         for mode in ("xla", "patches"):
             row[f"input_grad_{mode}"] = gflop / _min_time(grads(mode, 0), x, w, repeats=repeats)
             row[f"kernel_grad_{mode}"] = gflop / _min_time(grads(mode, 1), x, w, repeats=repeats)
+        # oneDNN's forward, and both gradients (its custom calls cannot be told apart in a trace)
+        modes = ("xla", "onednn") if native.available() else ("xla",)
+        if "onednn" in modes:
+            row["forward_onednn"] = gflop / _min_time(
+                forward, x, w, (s, s), pad, "onednn", repeats=repeats
+            )
+        for mode in modes:
+            both = 2 * gflop / _min_time(grads(mode, (0, 1)), x, w, repeats=repeats)
+            row[f"both_grads_{mode}"] = both
         rows.append({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
     return rows
 
@@ -87,10 +89,18 @@ def group_norm_rows(repeats: int) -> list[dict]:
     for hw, c in ((32, 64), (32, 128), (16, 128)):
         x = jax.random.normal(jax.random.key(0), (64, hw, hw, c))
         row = {"layer": f"GroupNorm(32) 64x{hw}x{hw}x{c}"}
-        for label, mod in (("flax", nn.GroupNorm(32, epsilon=1e-6)), ("vq_jax", GroupNorm(32))):
+        # GroupNorm then swish, as the autoencoder uses them; the native kernel fuses the two.
+        mods = [
+            ("flax", nn.GroupNorm(32, epsilon=1e-6), nn.swish),
+            ("vq_jax", GroupNorm(32, swish=True), None),
+        ]
+        if native.available():
+            mods.append(("native", GroupNorm(32, swish=True, impl="native"), None))
+        for label, mod, act in mods:
             p = mod.init(jax.random.key(1), x)
-            fwd = _jit(mod.apply)
-            bwd = _jit(jax.grad(lambda p, x, m=mod: jnp.sum(nn.swish(m.apply(p, x)))))
+            apply = (lambda p, x, m=mod, a=act: a(m.apply(p, x))) if act else mod.apply
+            fwd = _jit(apply)
+            bwd = _jit(jax.grad(lambda p, x, f=apply: jnp.sum(f(p, x)), argnums=(0, 1)))
             row[f"{label}_forward_ms"] = round(1e3 * _min_time(fwd, p, x, repeats=repeats), 2)
             row[f"{label}_fwd_bwd_ms"] = round(1e3 * _min_time(bwd, p, x, repeats=repeats), 2)
         rows.append(row)
@@ -101,13 +111,7 @@ def main(argv):
     del argv
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}; GFLOP/s per pass")
     convs = conv_rows(_REPEATS.value)
-    cols = [
-        "forward",
-        "input_grad_xla",
-        "input_grad_patches",
-        "kernel_grad_xla",
-        "kernel_grad_patches",
-    ]
+    cols = [c for c in convs[0] if c not in ("layer", "gflop")]
     print(f"{'layer':46s} " + " ".join(f"{c:>19s}" for c in cols))
     for r in convs:
         print(f"{r['layer']:46s} " + " ".join(f"{r[c]:19.1f}" for c in cols), flush=True)

@@ -70,8 +70,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             dropout=0.0,
             num_groups=32,
             dtype="bfloat16",  # compute dtype; parameters stay float32
-            # conv gradients: "auto" (= "xla") or "patches" (im2col GEMMs); same math, see
-            # vq_jax/nets/conv.py and BENCHMARKS.md
+            # how convs (and the autoencoder's GroupNorm+swish) compute: "auto" (oneDNN + the
+            # native GroupNorm kernel on a single CPU device when the onednn extra is installed,
+            # else XLA's), "xla", "onednn", or "patches" (XLA forward, im2col GEMM kernel
+            # gradients); same math, see vq_jax/nets/conv.py, vq_jax/native.py, BENCHMARKS.md
             conv_weight_grad="auto",
         )
     )

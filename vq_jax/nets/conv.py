@@ -1,19 +1,21 @@
-"""2-D convolution whose gradients can be computed as GEMMs (kernel gradients; strided input
-gradients) instead of by XLA.
+"""2-D NHWC convolution with a choice of how it and its gradients are computed (``conv2d``'s
+``weight_grad``; the same sums, only the order of the float additions differs):
 
-With XLA:CPU's YNNPACK convolutions (this jaxlib's default), the kernel gradient of a conv,
-which XLA lowers to a "conv" with an H x W kernel and a 3 x 3 output, ran at a fraction of the
-forward's speed (38% of the VQ-VAE step), and the input gradient of a strided conv, a conv over
-a zero-dilated input, slower still. With the Eigen convolutions that ``vq_jax.xla_options``
-selects, XLA's own gradients are as fast or faster, so "auto" means XLA's; "patches" stays
-selectable (BENCHMARKS.md section 6 has both). In "patches" mode ``conv2d`` keeps XLA's forward
-conv and its unit-stride input gradient; for strided convs the input gradient is one GEMM plus a
-fused scatter-sum (``col2im_input_grad``); the kernel gradient is
-    dW[ky, kx, ci, co] = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co],
-an im2col GEMM ([kh*kw*Ci, b*Ho*Wo] @ [b*Ho*Wo, Co]) accumulated over chunks of a few images
-(``lax.scan``) so each chunk's patches stay in cache. The math is the same sum; only the order
-of the float additions differs. ``Conv`` is a drop-in for ``flax.linen.Conv`` (same parameter
-names and shapes) for NHWC inputs with explicit padding.
+- "xla": XLA's conv and its own gradients.
+- "onednn": forward, input and kernel gradients through oneDNN as XLA FFI custom calls on CPU
+  (``vq_jax.native``), XLA's on other platforms. XLA:CPU transposes NHWC operands before each
+  kernel-gradient conv and runs a strided conv's input gradient as a dilated conv; oneDNN works
+  on NHWC directly, 1.2-4x faster per layer (BENCHMARKS.md section 6).
+- "patches": XLA's forward conv and unit-stride input gradient; for strided convs the input
+  gradient is one GEMM plus a fused scatter-sum (``col2im_input_grad``); the kernel gradient
+      dW[ky, kx, ci, co] = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co]
+  is an im2col GEMM ([kh*kw*Ci, b*Ho*Wo] @ [b*Ho*Wo, Co]) accumulated over chunks of a few
+  images (``lax.scan``) so each chunk's patches stay in cache. It won under XLA's YNNPACK
+  convolutions; with the Eigen ones ``vq_jax.xla_options`` selects, XLA's are as fast.
+- "auto": see ``resolve``.
+
+``Conv`` is a drop-in for ``flax.linen.Conv`` (same parameter names and shapes) for NHWC inputs
+with explicit padding.
 """
 
 import functools
@@ -216,7 +218,7 @@ def conv2d(
     """NHWC x HWIO conv. ``weight_grad`` picks how it and its gradients are computed (the same
     sums in another order): "xla" (XLA's own), "patches" (XLA's forward, chunked im2col GEMM
     kernel gradients), "onednn" (forward and both gradients by oneDNN on CPU, XLA's elsewhere;
-    ``vq_jax.onednn``) or "auto" (see ``resolve``; BENCHMARKS.md section 6)."""
+    ``vq_jax.native``) or "auto" (see ``resolve``; BENCHMARKS.md section 6)."""
     weight_grad = resolve(weight_grad)
     strides = tuple(int(s) for s in strides)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
