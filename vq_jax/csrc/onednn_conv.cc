@@ -87,19 +87,26 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       memory::desc(g.dst, g.dt, tag::nhwc), g.strides, g.pad_l, g.pad_r, UserScratchpad());
 }
 
-struct Forward {
-  dnnl::convolution_forward::primitive_desc pd;
-  dnnl::convolution_forward prim;
+// A primitive that reads the user's HWIO weights (forward, backward data), with the reorder
+// into the weights layout oneDNN chose for it.
+template <typename PrimitiveDesc, typename Primitive>
+struct ReadsWeights {
+  PrimitiveDesc pd;
+  Primitive prim;
   memory::desc user_wei;
-  dnnl::reorder wei_to_prim;  // user HWIO -> the primitive's weights layout
-};
+  dnnl::reorder wei_to_prim;
 
-struct BackwardData {
-  dnnl::convolution_backward_data::primitive_desc pd;
-  dnnl::convolution_backward_data prim;
-  memory::desc user_wei;
-  dnnl::reorder wei_to_prim;  // user HWIO -> the primitive's weights layout
+  explicit ReadsWeights(const PrimitiveDesc& d, const Geometry& g)
+      : pd(d),
+        prim(d),
+        user_wei(g.wei, g.dt, tag::hwio),
+        wei_to_prim(dnnl::reorder::primitive_desc(Engine(), user_wei, Engine(),
+                                                  d.weights_desc())) {}
 };
+using Forward =
+    ReadsWeights<dnnl::convolution_forward::primitive_desc, dnnl::convolution_forward>;
+using BackwardData = ReadsWeights<dnnl::convolution_backward_data::primitive_desc,
+                                  dnnl::convolution_backward_data>;
 
 struct BackwardWeights {
   dnnl::convolution_backward_weights::primitive_desc pd;
@@ -120,23 +127,15 @@ T* Cached(const std::string& key, T* (*make)(const Geometry&), const Geometry& g
   return entry;
 }
 
-Forward* MakeForward(const Geometry& g) {
-  auto pd = ForwardDesc(g);
-  memory::desc user_wei(g.wei, g.dt, tag::hwio);
-  return new Forward{pd, dnnl::convolution_forward(pd), user_wei,
-                     dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user_wei, Engine(),
-                                                                 pd.weights_desc()))};
-}
+Forward* MakeForward(const Geometry& g) { return new Forward(ForwardDesc(g), g); }
 
 BackwardData* MakeBackwardData(const Geometry& g) {
-  dnnl::convolution_backward_data::primitive_desc pd(
-      Engine(), dnnl::algorithm::convolution_direct, memory::desc(g.src, g.dt, tag::nhwc),
-      memory::desc(g.wei, g.dt, tag::any), memory::desc(g.dst, g.dt, tag::nhwc), g.strides,
-      g.pad_l, g.pad_r, ForwardDesc(g), UserScratchpad());
-  memory::desc user_wei(g.wei, g.dt, tag::hwio);
-  return new BackwardData{pd, dnnl::convolution_backward_data(pd), user_wei,
-                          dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user_wei, Engine(),
-                                                                      pd.weights_desc()))};
+  return new BackwardData(
+      dnnl::convolution_backward_data::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, memory::desc(g.src, g.dt, tag::nhwc),
+          memory::desc(g.wei, g.dt, tag::any), memory::desc(g.dst, g.dt, tag::nhwc), g.strides,
+          g.pad_l, g.pad_r, ForwardDesc(g), UserScratchpad()),
+      g);
 }
 
 BackwardWeights* MakeBackwardWeights(const Geometry& g) {
@@ -169,52 +168,47 @@ memory Wrap(const memory::dims& dims, memory::data_type dt, tag t, void* data) {
   return memory(memory::desc(dims, dt, t), Engine(), data);
 }
 
+// out = the primitive applied to activation `in` and the user's weights `w` (both NHWC).
+template <typename Entry>
+void RunReadsWeights(Entry* e, const Geometry& g, int in_arg, const memory::dims& in_dims,
+                     void* in, void* w, int out_arg, const memory::dims& out_dims, void* out) {
+  dnnl::stream stream(Engine());
+  memory user_w(e->user_wei, Engine(), w);
+  memory prim_w = user_w;
+  if (e->pd.weights_desc() != e->user_wei) {
+    prim_w = Buffer(e->pd.weights_desc(), kWeights);
+    e->wei_to_prim.execute(stream, user_w, prim_w);
+  }
+  e->prim.execute(stream, {{in_arg, Wrap(in_dims, g.dt, tag::nhwc, in)},
+                           {DNNL_ARG_WEIGHTS, prim_w},
+                           {out_arg, Wrap(out_dims, g.dt, tag::nhwc, out)},
+                           {DNNL_ARG_SCRATCHPAD, Buffer(e->pd.scratchpad_desc(), kScratch)}});
+  stream.wait();
+}
+
 ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                            ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
   Geometry g;
   if (auto err = MakeGeometry(x, w, *y, strides, padding, &g); err.failure()) return err;
   try {
-    Forward* f = Cached<Forward>(g.key, &MakeForward, g);
-    dnnl::stream stream(Engine());
-    memory user_w(f->user_wei, Engine(), w.untyped_data());
-    memory prim_w = user_w;
-    if (f->pd.weights_desc() != f->user_wei) {
-      prim_w = Buffer(f->pd.weights_desc(), kWeights);
-      f->wei_to_prim.execute(stream, user_w, prim_w);
-    }
-    memory scratch = Buffer(f->pd.scratchpad_desc(), kScratch);
-    f->prim.execute(stream, {{DNNL_ARG_SRC, Wrap(g.src, g.dt, tag::nhwc, x.untyped_data())},
-                             {DNNL_ARG_WEIGHTS, prim_w},
-                             {DNNL_ARG_DST, Wrap(g.dst, g.dt, tag::nhwc, y->untyped_data())},
-                             {DNNL_ARG_SCRATCHPAD, scratch}});
-    stream.wait();
+    RunReadsWeights(Cached<Forward>(g.key, &MakeForward, g), g, DNNL_ARG_SRC, g.src,
+                    x.untyped_data(), w.untyped_data(), DNNL_ARG_DST, g.dst, y->untyped_data());
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn conv forward: ") + e.what());
   }
   return ffi::Error::Success();
 }
 
-// dx = d(sum(conv(x, w) * dy)) / dx; x is only read for its shape.
+// dx = d(sum(conv(x, w) * dy)) / dx (x's shape is dx's).
 ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w,
                                 ffi::Result<ffi::AnyBuffer> dx, ffi::Span<const int64_t> strides,
                                 ffi::Span<const int64_t> padding) {
   Geometry g;
   if (auto err = MakeGeometry(*dx, w, dy, strides, padding, &g); err.failure()) return err;
   try {
-    BackwardData* b = Cached<BackwardData>(g.key, &MakeBackwardData, g);
-    dnnl::stream stream(Engine());
-    memory user_w(b->user_wei, Engine(), w.untyped_data());
-    memory prim_w = user_w;
-    if (b->pd.weights_desc() != b->user_wei) {
-      prim_w = Buffer(b->pd.weights_desc(), kWeights);
-      b->wei_to_prim.execute(stream, user_w, prim_w);
-    }
-    memory scratch = Buffer(b->pd.scratchpad_desc(), kScratch);
-    b->prim.execute(stream, {{DNNL_ARG_DIFF_DST, Wrap(g.dst, g.dt, tag::nhwc, dy.untyped_data())},
-                             {DNNL_ARG_WEIGHTS, prim_w},
-                             {DNNL_ARG_DIFF_SRC, Wrap(g.src, g.dt, tag::nhwc, dx->untyped_data())},
-                             {DNNL_ARG_SCRATCHPAD, scratch}});
-    stream.wait();
+    RunReadsWeights(Cached<BackwardData>(g.key, &MakeBackwardData, g), g, DNNL_ARG_DIFF_DST,
+                    g.dst, dy.untyped_data(), w.untyped_data(), DNNL_ARG_DIFF_SRC, g.src,
+                    dx->untyped_data());
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn conv backward data: ") + e.what());
   }
