@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from subproc import run_script, train_args
 
 from vq_jax import native, trainer
 from vq_jax.nets import conv
@@ -155,3 +156,13 @@ def test_build_is_cached(monkeypatch, tmp_path):
     assert path.parent == tmp_path and path.exists()
     mtime = path.stat().st_mtime_ns
     assert native.build() == path and path.stat().st_mtime_ns == mtime
+
+
+@needs_onednn
+def test_build_script_and_a_single_device_training_run(tmp_path):
+    """scripts/build_native.py prints the cached library; train.py on one CPU device (where
+    "auto" means the native kernels) trains, evaluates and checkpoints the tiny VQGAN."""
+    proc = run_script("scripts/build_native.py")
+    assert proc.stdout.strip() == str(native.build())
+    proc = run_script(*train_args("vqgan", str(tmp_path / "w")), devices=1)
+    assert "eval step 4" in proc.stdout, proc.stdout[-2000:]

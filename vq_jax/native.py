@@ -13,7 +13,7 @@ This module compiles both files with the system C++ compiler against the oneDNN 
 shared library (keyed by sources, jaxlib, oneDNN, compiler and CPU), and registers the handlers
 with JAX for the CPU platform. ``vq_jax.nets.conv`` and ``vq_jax.nets.group_norm`` use them.
 
-Prebuild (e.g. in a Docker image): ``python -m vq_jax.native``.
+Prebuild (e.g. in a Docker image): ``python scripts/build_native.py``.
 """
 
 from __future__ import annotations
@@ -214,8 +214,3 @@ def group_norm_backward(
         x, scale, bias, mean, rstd, dout, num_groups=np.int32(num_groups), swish=swish
     )
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    require()
-    print(build(verbose=False))
