@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
-from vq_jax import xla_options
+from vq_jax import native, xla_options
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
@@ -55,6 +55,14 @@ def model_flops(config, state, batch, key) -> float:
     return flops_of(common.setup_step(config).step.lower(state, batch, key).compile())
 
 
+def native_kernels() -> dict:
+    """Which native CPU kernels this process can use: oneDNN's ISA and activation layout."""
+    if not native.available():
+        return {"native_kernels": False}
+    isa, layout = native.cpu_isa(), native.activation_layout()
+    return {"native_kernels": True, "onednn_isa": isa, "onednn_activation_layout": layout}
+
+
 def bench(config, num_steps: int) -> dict:
     comps, _, step, state, batch, key = common.setup_step(config)
     bs, r, _, c = batch["image"].shape
@@ -79,6 +87,7 @@ def bench(config, num_steps: int) -> dict:
         "dtype": config.model.dtype,
         "conv_weight_grad": config.model.get("conv_weight_grad", "auto"),
         "compiler_options": xla_options.compiler_options(),
+        **native_kernels(),
         "compile_s": round(compile_s, 2),
         "median_step_s": round(median, 4),
         "min_step_s": round(min(times), 4),

@@ -2,13 +2,17 @@
 numpy definitions (tests/conv_reference.py) in float32 and bfloat16, inside jit, under a sharded
 train step, and the library says what to install when it cannot be built."""
 
+import json
+import subprocess
+import sys
+
 import chex
 import conv_reference as ref_conv
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from subproc import run_script, train_args
+from subproc import ROOT, run_script, script_env, train_args
 
 from vq_jax import native, trainer
 from vq_jax.nets import conv
@@ -51,30 +55,59 @@ def test_forward_and_gradients_match_definitions(case, size):
     )
 
 
+def _r1_penalty_grads(mode, x, w, strides, padding):
+    """d/d(x, w) ||d/dx sum(sin(conv(x, w)))||^2: an R1-style penalty, whose gradient runs the
+    conv's forward pass, its input gradient, and the VJPs of both."""
+
+    def f(x, w):
+        gx = jax.grad(lambda x: jnp.sum(jnp.sin(conv.conv2d(x, w, strides, padding, mode))))
+        return jnp.sum(jnp.square(gx(x)))
+
+    return jax.jit(jax.grad(f, (0, 1)))(x, w)
+
+
 @needs_onednn
 @pytest.mark.parametrize("case", ref_conv.CASES[1::2])
-def test_second_order_gradients_match_xla(case):
-    """An R1-style penalty, d/d(w, x) ||d/dx sum(sin(conv(x, w)))||^2, differentiates oneDNN's
-    gradients themselves; XLA's conv gives the reference."""
-    strides, padding = case[1:3]
+def test_second_order_gradients_are_within_float32_rounding(case):
+    """oneDNN's gradients differentiated again, against a float64 reference (XLA in x64).
+
+    The tolerance is the float32 rounding bound of the computation, so it holds for any
+    summation order (oneDNN's blocking differs between AVX2, AVX-512 and AMX; XLA's differs
+    again): each of the 4 chained conv passes sums at most K products, and a sum of K float32
+    terms in any order is within gamma_K = K*u / (1 - K*u) (u = 2^-24) of the exact sum, relative
+    to its magnitude (Higham, Accuracy and Stability of Numerical Algorithms, 3.1). The pass
+    errors add up, so |got - exact| <= 4 * gamma_K * max|exact|. XLA's float32 result is held to
+    the same bound, showing it is the float32 envelope and not a oneDNN allowance; a wrong
+    pass (wrong tap, stride or padding) misses it by orders of magnitude.
+    """
+    kernel_hw, strides, padding, cin, cout, batch = case
     x, w, _ = _inputs(case, 9)
-
-    def penalty(mode):
-        def f(x, w):
-            gx = jax.grad(lambda x: jnp.sum(jnp.sin(conv.conv2d(x, w, strides, padding, mode))))
-            return jnp.sum(jnp.square(gx(x)))
-
-        return jax.jit(jax.grad(f, (0, 1)))(x, w)
-
-    chex.assert_trees_all_close(penalty("onednn"), penalty("xla"), rtol=1e-4, atol=1e-4)
+    ho, wo = ref_conv.out_hw(9, kernel_hw, strides, padding)
+    k = max(kernel_hw[0] * kernel_hw[1] * max(cin, cout), batch * ho * wo)
+    u = 2.0**-24
+    gamma = k * u / (1 - k * u)
+    with jax.enable_x64(True):
+        exact = _r1_penalty_grads("xla", *(a.astype(jnp.float64) for a in (x, w)), strides, padding)
+        exact = [np.asarray(e) for e in exact]
+    for mode in ("onednn", "xla"):
+        got = _r1_penalty_grads(mode, x, w, strides, padding)
+        for name, g, e in zip(("d/dx", "d/dw"), got, exact, strict=True):
+            bound = 4 * gamma * np.abs(e).max()
+            err = np.abs(np.asarray(g, np.float64) - e).max()
+            assert err <= bound, f"{mode} {name}: error {err:.3g} > float32 bound {bound:.3g}"
 
 
 @needs_onednn
 def test_bfloat16_accumulates_in_float32():
-    """bf16 operands, bf16 results within bf16 rounding of the float64 sums of the same operands."""
+    """bf16 operands, bf16 results within bf16 rounding of the float64 sums of the same operands,
+    whether oneDNN has bf16 kernels on this CPU (AVX-512, AMX) or XLA's conv serves the case
+    (AVX2-only CPUs; then the program has no oneDNN call)."""
     case = ref_conv.CASES[0]
     kernel_hw, strides, padding = case[:3]
     x, w, dy = _inputs(case, 16, jnp.bfloat16)
+    has_kernels = native.conv_unsupported("bfloat16", x.shape, w.shape, strides, padding) is None
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, strides, padding, "onednn"))(x, w))
+    assert ("vq_jax_onednn_conv_forward" in jaxpr) == has_kernels
     y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, strides, padding, "onednn"), x, w)
     dx, dw = vjp(dy)
     assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
@@ -87,6 +120,70 @@ def test_bfloat16_accumulates_in_float32():
         got = np.asarray(got.astype(jnp.float32))
         # one bf16 rounding of the result (8 bits of mantissa), not a bf16 accumulation
         np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
+
+
+def test_unsupported_case_falls_back_to_xla_with_one_warning(monkeypatch, caplog):
+    """A case oneDNN cannot create a primitive for on this CPU is computed by XLA's conv, with
+    one warning line per dtype, instead of failing when the program runs."""
+    monkeypatch.setattr(native, "require", lambda: None)
+    monkeypatch.setattr(native, "cpu_isa", lambda: "AVX2")
+    monkeypatch.setattr(native, "conv_unsupported", lambda *a: "could not create a primitive")
+    monkeypatch.setattr(conv, "_warned_fallbacks", set())
+    x, w, dy = _inputs(ref_conv.CASES[0], 8)
+    strides, padding = ref_conv.CASES[0][1:3]
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            fn = lambda x, w: jnp.vdot(conv.conv2d(x, w, strides, padding, "onednn"), dy)
+            jaxpr = str(jax.make_jaxpr(jax.grad(fn, (0, 1)))(x, w))
+    assert "vq_jax_onednn" not in jaxpr and "conv_general_dilated" in jaxpr
+    lines = [r.getMessage() for r in caplog.records if "oneDNN has no" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "float32" in lines[0] and "AVX2" in lines[0] and "using XLA's convolution" in lines[0]
+
+
+def _onednn_isa_subprocess(isa: str, *args: str, timeout: int):
+    """`python ARGS` from the repo root on one CPU device with oneDNN capped at `isa`."""
+    env = script_env(devices=1)
+    env["ONEDNN_MAX_CPU_ISA"] = isa
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_avx2_cpu_runs_float32_and_bfloat16_gd_steps_like_xla():
+    """On an AVX2-only CPU (imitated with ONEDNN_MAX_CPU_ISA=AVX2; a no-op on such a CPU), the
+    VQGAN G + D step (R1 and LeCam on) runs in float32 through oneDNN with XLA's measurements,
+    and in bfloat16 (no oneDNN bf16 kernels there) through XLA's convs, reported in one line,
+    within bf16 rounding of the float32 step."""
+    proc = _onednn_isa_subprocess("AVX2", "tests/onednn_isa_check.py", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    f32, xla, bf16 = runs["float32/onednn"], runs["float32/xla"], runs["bfloat16/onednn"]
+    assert f32["calls_onednn"] and not xla["calls_onednn"] and not bf16["calls_onednn"]
+    fallback = [line for line in proc.stderr.splitlines() if "oneDNN has no" in line]
+    assert len(fallback) == 1 and "bfloat16" in fallback[0] and "AVX2" in fallback[0], fallback
+    assert set(f32["metrics"]) == set(xla["metrics"]) == set(bf16["metrics"])
+    for name, want in xla["metrics"].items():
+        # float32: the same sums in another order; bfloat16: 8-bit mantissas through the nets
+        assert f32["metrics"][name] == pytest.approx(want, rel=1e-4, abs=1e-5), name
+        assert bf16["metrics"][name] == pytest.approx(want, rel=0.1, abs=0.02), name
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_kernel_tests_pass_with_onednn_capped_at_avx2():
+    """This file's tests under ONEDNN_MAX_CPU_ISA=AVX2, as on an AVX2-only CPU: on a CPU with
+    AVX-512 or AMX, the only way CI here exercises oneDNN's AVX2 kernels and the bf16 fallback."""
+    if native.cpu_isa() in ("SSE4.1", "AVX", "AVX2"):
+        pytest.skip(f"oneDNN runs {native.cpu_isa()} here already: the suite itself is that run")
+    proc = _onednn_isa_subprocess(
+        "AVX2", "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+        "-k", "not capped_at_avx2 and not avx2_cpu_runs", timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
 
 
 @needs_onednn
@@ -121,10 +218,10 @@ def test_auto_picks_onednn_only_for_a_single_cpu_device(monkeypatch):
 def no_onednn(monkeypatch):
     """onednn as on a machine without the extra (the load result is cached: reset it around)."""
     monkeypatch.setattr(native, "onednn_root", lambda: None)
-    native._load.cache_clear()
+    native._library.cache_clear()
     yield
     monkeypatch.undo()
-    native._load.cache_clear()
+    native._library.cache_clear()
 
 
 def test_missing_onednn_names_the_fix_and_auto_falls_back(no_onednn):
@@ -132,6 +229,22 @@ def test_missing_onednn_names_the_fix_and_auto_falls_back(no_onednn):
     x, w, _ = _inputs(ref_conv.CASES[0], 8)
     with pytest.raises(native.NativeUnavailable, match=r"pip install 'vq-jax\[onednn\]'"):
         conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), "onednn")
+
+
+def test_environment_switch_turns_the_kernels_off(monkeypatch):
+    """VQ_JAX_NATIVE=off: "auto" means XLA's ops even on one CPU device, and asking for oneDNN
+    names the switch."""
+    monkeypatch.setenv(native.ENV_SWITCH, "off")
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    native._library.cache_clear()
+    try:
+        assert not native.available() and conv.resolve("auto") == "xla"
+        x, w, _ = _inputs(ref_conv.CASES[0], 8)
+        with pytest.raises(native.NativeUnavailable, match="VQ_JAX_NATIVE=off"):
+            conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), "onednn")
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
 
 
 @needs_onednn

@@ -8,6 +8,12 @@
 - ``csrc/group_norm_swish.cc``: GroupNorm (+ swish), forward and backward, two sweeps each,
   parallel over the batch. XLA:CPU runs these fusions single-threaded.
 
+Not every CPU has oneDNN kernels for every case: oneDNN 3.2 has no bfloat16 convolutions on
+AVX2-only CPUs (AMD EPYC before Zen 4, most laptops). ``conv_supported`` asks oneDNN, while
+tracing and before a custom call is emitted, whether it can create the three primitives of a
+(dtype, shape) case here; where it cannot, ``vq_jax.nets.conv`` computes that case with XLA's
+convolution and logs one warning line. ``VQ_JAX_NATIVE=off`` turns the kernels off altogether.
+
 This module compiles both files with the system C++ compiler against the oneDNN of the
 ``onednn`` extra (``pip install 'vq-jax[onednn]'``) the first time they are needed, caches the
 shared library (keyed by sources, jaxlib, oneDNN, compiler and CPU), and registers the handlers
@@ -50,6 +56,14 @@ INSTALL_HINT = (
     "install the oneDNN extra and a C++ compiler (`pip install 'vq-jax[onednn]'`, "
     "`apt-get install g++`), or set config.model.conv_weight_grad='xla'"
 )
+ENV_SWITCH = "VQ_JAX_NATIVE"  # "off": never use the native kernels (XLA's ops everywhere)
+# dnnl_cpu_isa_t values (oneapi/dnnl/dnnl_types.h) -> names, for messages
+_ISA_NAMES = {
+    0x0: "default", 0x1: "SSE4.1", 0x3: "AVX", 0x7: "AVX2", 0xF: "AVX2_VNNI",
+    0x1F: "AVX2_VNNI_2", 0x27: "AVX512_CORE", 0x67: "AVX512_CORE_VNNI",
+    0xE7: "AVX512_CORE_BF16", 0x1EF: "AVX512_CORE_FP16", 0xFEF: "AVX512_CORE_AMX",
+    0x1FEF: "AVX512_CORE_AMX_FP16",
+}  # fmt: skip
 
 
 class NativeUnavailable(RuntimeError):
@@ -130,19 +144,73 @@ def build(verbose: bool = True) -> Path:
 
 
 @functools.cache
-def _load() -> str | None:
-    """Build if needed, load and register the handlers; the reason when that is impossible."""
+def _library() -> ctypes.CDLL | str:
+    """Build if needed, load and register the handlers: the library, or why that is impossible."""
+    if os.environ.get(ENV_SWITCH, "").lower() in ("0", "off", "false", "no"):
+        return f"the native kernels are turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     try:
         lib = ctypes.CDLL(str(build()))
     except (NativeUnavailable, OSError) as e:
         return str(e)
     for name, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), "cpu")
-    return None
+    dims = ctypes.POINTER(ctypes.c_int64)
+    lib.VqOnednnConvSupported.argtypes = [ctypes.c_int, *[dims] * 5, ctypes.c_char_p, ctypes.c_int]
+    lib.VqOnednnConvSupported.restype = ctypes.c_int
+    lib.VqOnednnCpuIsa.restype = ctypes.c_int
+    lib.VqOnednnBlockedActivations.restype = ctypes.c_int
+    return lib
+
+
+def _load() -> str | None:
+    """None when the kernels are loaded and registered, else the reason they are not."""
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def cpu_isa() -> str:
+    """The instruction set oneDNN uses on this CPU (capped by $ONEDNN_MAX_CPU_ISA)."""
+    require()
+    isa = _library().VqOnednnCpuIsa()
+    return _ISA_NAMES.get(isa, hex(isa))
+
+
+def activation_layout() -> str:
+    """The activation layout oneDNN's convolutions take here: "blocked" (reordered from and to
+    NHWC in each call; below AVX-512, where oneDNN's blocked kernels are much faster) or "nhwc"
+    (as XLA holds them). $VQ_JAX_ONEDNN_LAYOUT=nhwc|blocked overrides."""
+    require()
+    return "blocked" if _library().VqOnednnBlockedActivations() else "nhwc"
+
+
+@functools.cache
+def conv_unsupported(
+    dtype: str, x_shape: tuple, kernel_shape: tuple, strides: tuple, padding: tuple
+) -> str | None:
+    """None when oneDNN can run this convolution case (forward and both gradients) on this CPU,
+    else oneDNN's reason. Asked once per case, before any custom call for it is emitted."""
+    require()
+    if dtype not in ("float32", "bfloat16"):
+        return f"oneDNN convolutions here take float32 or bfloat16, not {dtype}"
+    y_shape = (x_shape[0], *_out_hw(x_shape, kernel_shape, strides, padding), kernel_shape[3])
+    (pt, pb), (pl, pr) = padding
+    arrays = [
+        np.ascontiguousarray(a, np.int64)
+        for a in (x_shape, kernel_shape, y_shape, strides, (pt, pb, pl, pr))
+    ]
+    why = ctypes.create_string_buffer(512)
+    ok = _library().VqOnednnConvSupported(
+        int(dtype == "bfloat16"),
+        *(a.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for a in arrays),
+        why,
+        len(why),
+    )
+    return None if ok else why.value.decode(errors="replace") or "unsupported"
 
 
 def available() -> bool:
-    """Whether the native kernels can be used (builds them on the first call)."""
+    """Whether the native kernels can be used (builds them on the first call; False when
+    $VQ_JAX_NATIVE is off)."""
     return _load() is None
 
 

@@ -3,14 +3,20 @@
 // Why: XLA:CPU's kernel-gradient convolutions need NHWC operands transposed into other layouts
 // first (about a third of the VQ-VAE step's non-conv time), and its strided input gradient is a
 // slow dilated conv. oneDNN computes all three passes directly on NHWC activations and HWIO
-// kernels, as PyTorch's CPU convolutions do. Built on first use by vq_jax/nets/onednn.py.
+// kernels, as PyTorch's CPU convolutions do. Built on first use by vq_jax/native.py.
 //
 // Layouts: x [N, H, W, Ci], w [kh, kw, Ci, Co], y [N, Ho, Wo, Co]; float32 or bfloat16 (with
 // float32 accumulation inside oneDNN). Attributes: strides (sh, sw) and padding (top, bottom,
-// left, right). Primitives are created once per shape and cached; scratchpads live in per-thread
-// buffers kept between calls, so concurrent calls on different XLA threads are safe.
+// left, right). Primitives are created once per shape and cached; scratchpads and reordered
+// arguments live in per-thread buffers kept between calls, so concurrent calls on different XLA threads are safe.
+//
+// Not every CPU has kernels for every case (oneDNN 3.2 has no bfloat16 convolutions on AVX2-only
+// CPUs): VqOnednnConvSupported, a plain C function that Python calls through ctypes before it
+// emits a custom call, creates the three primitives of one case and says whether it could.
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -38,6 +44,28 @@ struct Geometry {
   std::string key;
 };
 
+// x [N, H, W, Ci], w [kh, kw, Ci, Co], y [N, Ho, Wo, Co]; padding (top, bottom, left, right).
+Geometry MakeGeometry(const int64_t* xd, const int64_t* wd, const int64_t* yd,
+                      const int64_t* strides, const int64_t* padding, memory::data_type dt) {
+  Geometry g;
+  g.dt = dt;
+  // oneDNN names dims in NCHW / OIHW order whatever the memory layout.
+  g.src = {xd[0], xd[3], xd[1], xd[2]};
+  g.wei = {wd[3], wd[2], wd[0], wd[1]};
+  g.dst = {yd[0], yd[3], yd[1], yd[2]};
+  g.strides = {strides[0], strides[1]};
+  g.pad_l = {padding[0], padding[2]};
+  g.pad_r = {padding[1], padding[3]};
+  std::ostringstream key;
+  for (const auto* dims : {&g.src, &g.wei, &g.dst, &g.strides, &g.pad_l, &g.pad_r}) {
+    for (auto d : *dims) key << d << ',';
+    key << ';';
+  }
+  key << static_cast<int>(g.dt);
+  g.key = key.str();
+  return g;
+}
+
 ffi::Error MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w,
                         const ffi::AnyBuffer& y, ffi::Span<const int64_t> strides,
                         ffi::Span<const int64_t> padding, Geometry* g) {
@@ -50,27 +78,15 @@ ffi::Error MakeGeometry(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w,
   if (x.element_type() != w.element_type() || x.element_type() != y.element_type()) {
     return ffi::Error::InvalidArgument("onednn conv: x, w and y must share one dtype");
   }
+  memory::data_type dt;
   if (x.element_type() == ffi::DataType::F32) {
-    g->dt = memory::data_type::f32;
+    dt = memory::data_type::f32;
   } else if (x.element_type() == ffi::DataType::BF16) {
-    g->dt = memory::data_type::bf16;
+    dt = memory::data_type::bf16;
   } else {
     return ffi::Error::InvalidArgument("onednn conv: only float32 and bfloat16 are supported");
   }
-  // oneDNN names dims in NCHW / OIHW order whatever the memory layout.
-  g->src = {xd[0], xd[3], xd[1], xd[2]};
-  g->wei = {wd[3], wd[2], wd[0], wd[1]};
-  g->dst = {yd[0], yd[3], yd[1], yd[2]};
-  g->strides = {strides[0], strides[1]};
-  g->pad_l = {padding[0], padding[2]};
-  g->pad_r = {padding[1], padding[3]};
-  std::ostringstream key;
-  for (const auto* dims : {&g->src, &g->wei, &g->dst, &g->strides, &g->pad_l, &g->pad_r}) {
-    for (auto d : *dims) key << d << ',';
-    key << ';';
-  }
-  key << static_cast<int>(g->dt);
-  g->key = key.str();
+  *g = MakeGeometry(xd.begin(), wd.begin(), yd.begin(), strides.begin(), padding.begin(), dt);
   return ffi::Error::Success();
 }
 
@@ -80,40 +96,67 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
+// The activation layout the primitives take: NHWC, as XLA holds the tensors, or the blocked
+// layout oneDNN prefers (nChw8c on AVX2), reordered on the way in and out. oneDNN 3.2's AVX2
+// kernels run 1.3-2x faster on blocked activations than on NHWC, far more than the reorders cost;
+// its AVX-512 / AMX brgemm kernels are as fast on NHWC, where reorders would only add time
+// (BENCHMARKS.md section 6). $VQ_JAX_ONEDNN_LAYOUT=nhwc|blocked overrides, for measurements.
+bool BlockedActivations() {
+  static const bool blocked = [] {
+    const char* env = std::getenv("VQ_JAX_ONEDNN_LAYOUT");
+    if (env != nullptr && std::string(env) == "nhwc") return false;
+    if (env != nullptr && std::string(env) == "blocked") return true;
+    constexpr int kAvx512Bit = 0x20;  // set in every dnnl_cpu_isa_avx512_* value
+    return (static_cast<int>(dnnl::get_effective_cpu_isa()) & kAvx512Bit) == 0;
+  }();
+  return blocked;
+}
+
+memory::desc UserActivation(const memory::dims& dims, const Geometry& g) {
+  return memory::desc(dims, g.dt, tag::nhwc);
+}
+
+memory::desc UserWeights(const Geometry& g) { return memory::desc(g.wei, g.dt, tag::hwio); }
+
+memory::desc PrimitiveActivation(const memory::dims& dims, const Geometry& g) {
+  return memory::desc(dims, g.dt, BlockedActivations() ? tag::any : tag::nhwc);
+}
+
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      memory::desc(g.src, g.dt, tag::nhwc), memory::desc(g.wei, g.dt, tag::any),
-      memory::desc(g.dst, g.dt, tag::nhwc), g.strides, g.pad_l, g.pad_r, UserScratchpad());
+      PrimitiveActivation(g.src, g), memory::desc(g.wei, g.dt, tag::any),
+      PrimitiveActivation(g.dst, g), g.strides, g.pad_l, g.pad_r, UserScratchpad());
 }
 
-// A primitive that reads the user's HWIO weights (forward, backward data), with the reorder
-// into the weights layout oneDNN chose for it.
-template <typename PrimitiveDesc, typename Primitive>
-struct ReadsWeights {
-  PrimitiveDesc pd;
+// One argument of a primitive: the user's buffer layout and the primitive's, with the reorder
+// between them when they differ (user -> primitive for inputs, primitive -> user for outputs).
+struct Port {
+  int arg;
+  memory::desc user, prim;
+  dnnl::reorder reorder;
+
+  Port(int arg_, const memory::desc& user_, const memory::desc& prim_, bool input)
+      : arg(arg_), user(user_), prim(prim_) {
+    if (user == prim) return;
+    reorder = input
+        ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), prim))
+        : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), prim, Engine(), user));
+  }
+  bool Same() const { return user == prim; }
+};
+
+// A convolution primitive (forward, backward data or backward weights) reading two user buffers
+// and writing one.
+template <typename Primitive>
+struct Conv {
+  typename Primitive::primitive_desc pd;
   Primitive prim;
-  memory::desc user_wei;
-  dnnl::reorder wei_to_prim;
-
-  explicit ReadsWeights(const PrimitiveDesc& d, const Geometry& g)
-      : pd(d),
-        prim(d),
-        user_wei(g.wei, g.dt, tag::hwio),
-        wei_to_prim(dnnl::reorder::primitive_desc(Engine(), user_wei, Engine(),
-                                                  d.weights_desc())) {}
+  Port in0, in1, out;
 };
-using Forward =
-    ReadsWeights<dnnl::convolution_forward::primitive_desc, dnnl::convolution_forward>;
-using BackwardData = ReadsWeights<dnnl::convolution_backward_data::primitive_desc,
-                                  dnnl::convolution_backward_data>;
-
-struct BackwardWeights {
-  dnnl::convolution_backward_weights::primitive_desc pd;
-  dnnl::convolution_backward_weights prim;
-  memory::desc user_wei;
-  dnnl::reorder prim_to_wei;  // the primitive's weights layout -> user HWIO
-};
+using Forward = Conv<dnnl::convolution_forward>;
+using BackwardData = Conv<dnnl::convolution_backward_data>;
+using BackwardWeights = Conv<dnnl::convolution_backward_weights>;
 
 template <typename T>
 T* Cached(const std::string& key, T* (*make)(const Geometry&), const Geometry& g) {
@@ -127,35 +170,44 @@ T* Cached(const std::string& key, T* (*make)(const Geometry&), const Geometry& g
   return entry;
 }
 
-Forward* MakeForward(const Geometry& g) { return new Forward(ForwardDesc(g), g); }
+Forward* MakeForward(const Geometry& g) {
+  const auto pd = ForwardDesc(g);
+  return new Forward{pd, dnnl::convolution_forward(pd),
+                     Port(DNNL_ARG_SRC, UserActivation(g.src, g), pd.src_desc(), true),
+                     Port(DNNL_ARG_WEIGHTS, UserWeights(g), pd.weights_desc(), true),
+                     Port(DNNL_ARG_DST, UserActivation(g.dst, g), pd.dst_desc(), false)};
+}
 
 BackwardData* MakeBackwardData(const Geometry& g) {
-  return new BackwardData(
-      dnnl::convolution_backward_data::primitive_desc(
-          Engine(), dnnl::algorithm::convolution_direct, memory::desc(g.src, g.dt, tag::nhwc),
-          memory::desc(g.wei, g.dt, tag::any), memory::desc(g.dst, g.dt, tag::nhwc), g.strides,
-          g.pad_l, g.pad_r, ForwardDesc(g), UserScratchpad()),
-      g);
+  const dnnl::convolution_backward_data::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, PrimitiveActivation(g.src, g),
+      memory::desc(g.wei, g.dt, tag::any), PrimitiveActivation(g.dst, g), g.strides, g.pad_l,
+      g.pad_r, ForwardDesc(g), UserScratchpad());
+  return new BackwardData{
+      pd, dnnl::convolution_backward_data(pd),
+      Port(DNNL_ARG_DIFF_DST, UserActivation(g.dst, g), pd.diff_dst_desc(), true),
+      Port(DNNL_ARG_WEIGHTS, UserWeights(g), pd.weights_desc(), true),
+      Port(DNNL_ARG_DIFF_SRC, UserActivation(g.src, g), pd.diff_src_desc(), false)};
 }
 
 BackwardWeights* MakeBackwardWeights(const Geometry& g) {
-  dnnl::convolution_backward_weights::primitive_desc pd(
-      Engine(), dnnl::algorithm::convolution_direct, memory::desc(g.src, g.dt, tag::nhwc),
-      memory::desc(g.wei, g.dt, tag::any), memory::desc(g.dst, g.dt, tag::nhwc), g.strides,
-      g.pad_l, g.pad_r, ForwardDesc(g), UserScratchpad());
-  memory::desc user_wei(g.wei, g.dt, tag::hwio);
+  const dnnl::convolution_backward_weights::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, PrimitiveActivation(g.src, g),
+      memory::desc(g.wei, g.dt, tag::any), PrimitiveActivation(g.dst, g), g.strides, g.pad_l,
+      g.pad_r, ForwardDesc(g), UserScratchpad());
   return new BackwardWeights{
-      pd, dnnl::convolution_backward_weights(pd), user_wei,
-      dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), pd.diff_weights_desc(), Engine(),
-                                                  user_wei))};
+      pd, dnnl::convolution_backward_weights(pd),
+      Port(DNNL_ARG_SRC, UserActivation(g.src, g), pd.src_desc(), true),
+      Port(DNNL_ARG_DIFF_DST, UserActivation(g.dst, g), pd.diff_dst_desc(), true),
+      Port(DNNL_ARG_DIFF_WEIGHTS, UserWeights(g), pd.diff_weights_desc(), false)};
 }
 
-// Per-thread buffers for scratchpads and reordered weights, kept between calls: a fresh
+// Per-thread buffers for scratchpads and reordered arguments, kept between calls: a fresh
 // allocation per call would be mmapped and page-faulted afresh each time (large scratchpads).
-enum Slot { kScratch = 0, kWeights = 1 };
+enum Slot { kScratch = 0, kIn0 = 1, kIn1 = 2, kOut = 3, kNumSlots = 4 };
 
 memory Buffer(const memory::desc& desc, Slot slot) {
-  thread_local std::vector<char> buffers[2];
+  thread_local std::vector<char> buffers[kNumSlots];
   std::vector<char>& buf = buffers[slot];
   const size_t size = desc.get_size() + 64;
   if (buf.size() < size) buf.resize(size);
@@ -164,25 +216,28 @@ memory Buffer(const memory::desc& desc, Slot slot) {
   return memory(desc, Engine(), ptr);
 }
 
-memory Wrap(const memory::dims& dims, memory::data_type dt, tag t, void* data) {
-  return memory(memory::desc(dims, dt, t), Engine(), data);
+// What the primitive reads for an input port: the user's buffer, or a reordered copy of it.
+memory Input(const Port& p, void* data, Slot slot, const dnnl::stream& stream) {
+  memory user(p.user, Engine(), data);
+  if (p.Same()) return user;
+  memory prim = Buffer(p.prim, slot);
+  p.reorder.execute(stream, user, prim);
+  return prim;
 }
 
-// out = the primitive applied to activation `in` and the user's weights `w` (both NHWC).
-template <typename Entry>
-void RunReadsWeights(Entry* e, const Geometry& g, int in_arg, const memory::dims& in_dims,
-                     void* in, void* w, int out_arg, const memory::dims& out_dims, void* out) {
+// out = the primitive applied to in0 and in1 (user buffers in, user buffer out).
+template <typename Primitive>
+void Run(const Conv<Primitive>& c, void* in0, void* in1, void* out) {
   dnnl::stream stream(Engine());
-  memory user_w(e->user_wei, Engine(), w);
-  memory prim_w = user_w;
-  if (e->pd.weights_desc() != e->user_wei) {
-    prim_w = Buffer(e->pd.weights_desc(), kWeights);
-    e->wei_to_prim.execute(stream, user_w, prim_w);
-  }
-  e->prim.execute(stream, {{in_arg, Wrap(in_dims, g.dt, tag::nhwc, in)},
-                           {DNNL_ARG_WEIGHTS, prim_w},
-                           {out_arg, Wrap(out_dims, g.dt, tag::nhwc, out)},
-                           {DNNL_ARG_SCRATCHPAD, Buffer(e->pd.scratchpad_desc(), kScratch)}});
+  memory a = Input(c.in0, in0, kIn0, stream);
+  memory b = Input(c.in1, in1, kIn1, stream);
+  memory user_out(c.out.user, Engine(), out);
+  memory prim_out = c.out.Same() ? user_out : Buffer(c.out.prim, kOut);
+  c.prim.execute(stream, {{c.in0.arg, a},
+                          {c.in1.arg, b},
+                          {c.out.arg, prim_out},
+                          {DNNL_ARG_SCRATCHPAD, Buffer(c.pd.scratchpad_desc(), kScratch)}});
+  if (!c.out.Same()) c.out.reorder.execute(stream, prim_out, user_out);
   stream.wait();
 }
 
@@ -191,8 +246,8 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::
   Geometry g;
   if (auto err = MakeGeometry(x, w, *y, strides, padding, &g); err.failure()) return err;
   try {
-    RunReadsWeights(Cached<Forward>(g.key, &MakeForward, g), g, DNNL_ARG_SRC, g.src,
-                    x.untyped_data(), w.untyped_data(), DNNL_ARG_DST, g.dst, y->untyped_data());
+    Run(*Cached<Forward>(g.key, &MakeForward, g), x.untyped_data(), w.untyped_data(),
+        y->untyped_data());
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn conv forward: ") + e.what());
   }
@@ -206,9 +261,8 @@ ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w,
   Geometry g;
   if (auto err = MakeGeometry(*dx, w, dy, strides, padding, &g); err.failure()) return err;
   try {
-    RunReadsWeights(Cached<BackwardData>(g.key, &MakeBackwardData, g), g, DNNL_ARG_DIFF_DST,
-                    g.dst, dy.untyped_data(), w.untyped_data(), DNNL_ARG_DIFF_SRC, g.src,
-                    dx->untyped_data());
+    Run(*Cached<BackwardData>(g.key, &MakeBackwardData, g), dy.untyped_data(), w.untyped_data(),
+        dx->untyped_data());
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn conv backward data: ") + e.what());
   }
@@ -223,20 +277,8 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
   Geometry g;
   if (auto err = MakeGeometry(x, *dw, dy, strides, padding, &g); err.failure()) return err;
   try {
-    BackwardWeights* b = Cached<BackwardWeights>(g.key, &MakeBackwardWeights, g);
-    dnnl::stream stream(Engine());
-    memory user_dw(b->user_wei, Engine(), dw->untyped_data());
-    memory prim_dw = user_dw;
-    if (b->pd.diff_weights_desc() != b->user_wei) {
-      prim_dw = Buffer(b->pd.diff_weights_desc(), kWeights);
-    }
-    memory scratch = Buffer(b->pd.scratchpad_desc(), kScratch);
-    b->prim.execute(stream, {{DNNL_ARG_SRC, Wrap(g.src, g.dt, tag::nhwc, x.untyped_data())},
-                             {DNNL_ARG_DIFF_DST, Wrap(g.dst, g.dt, tag::nhwc, dy.untyped_data())},
-                             {DNNL_ARG_DIFF_WEIGHTS, prim_dw},
-                             {DNNL_ARG_SCRATCHPAD, scratch}});
-    if (prim_dw != user_dw) b->prim_to_wei.execute(stream, prim_dw, user_dw);
-    stream.wait();
+    Run(*Cached<BackwardWeights>(g.key, &MakeBackwardWeights, g), x.untyped_data(),
+        dy.untyped_data(), dw->untyped_data());
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn conv backward weights: ") + e.what());
   }
@@ -244,6 +286,31 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
 }
 
 }  // namespace
+
+// 1 when oneDNN can create the forward, backward-data and backward-weights primitives of this
+// case on this CPU (they are then cached for the custom calls), else 0 with oneDNN's reason in
+// `why` (at most why_len bytes). dtype: 0 float32, 1 bfloat16; dims as in the custom calls.
+extern "C" int VqOnednnConvSupported(int dtype, const int64_t* x, const int64_t* w,
+                                     const int64_t* y, const int64_t* strides,
+                                     const int64_t* padding, char* why, int why_len) {
+  const auto dt = dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32;
+  const Geometry g = MakeGeometry(x, w, y, strides, padding, dt);
+  try {
+    Cached<Forward>(g.key, &MakeForward, g);
+    Cached<BackwardData>(g.key, &MakeBackwardData, g);
+    Cached<BackwardWeights>(g.key, &MakeBackwardWeights, g);
+  } catch (const dnnl::error& e) {
+    if (why_len > 0) std::snprintf(why, why_len, "%s", e.what());
+    return 0;
+  }
+  return 1;
+}
+
+// 1 when the primitives take oneDNN's blocked activation layout (see BlockedActivations).
+extern "C" int VqOnednnBlockedActivations() { return BlockedActivations() ? 1 : 0; }
+
+// The instruction set oneDNN uses here (a dnnl_cpu_isa_t value; ONEDNN_MAX_CPU_ISA caps it).
+extern "C" int VqOnednnCpuIsa() { return static_cast<int>(dnnl::get_effective_cpu_isa()); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VqOnednnConvForward, ConvForwardImpl,
                               ffi::Ffi::Bind()

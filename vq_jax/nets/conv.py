@@ -3,9 +3,11 @@
 
 - "xla": XLA's conv and its own gradients.
 - "onednn": forward, input and kernel gradients through oneDNN as XLA FFI custom calls on CPU
-  (``vq_jax.native``), XLA's on other platforms. XLA:CPU transposes NHWC operands before each
-  kernel-gradient conv and runs a strided conv's input gradient as a dilated conv; oneDNN works
-  on NHWC directly, 1.2-4x faster per layer (BENCHMARKS.md section 6).
+  (``vq_jax.native``), XLA's on other platforms, and XLA's for the (dtype, shape) cases oneDNN
+  has no kernel for on this CPU (bfloat16 on AVX2-only CPUs; one warning line per dtype).
+  XLA:CPU transposes NHWC operands before each kernel-gradient conv and runs a strided conv's
+  input gradient as a dilated conv; oneDNN works on NHWC directly, 1.2-4x faster per layer
+  (BENCHMARKS.md section 6).
 - "patches": XLA's forward conv and unit-stride input gradient; for strided convs the input
   gradient is one GEMM plus a fused scatter-sum (``col2im_input_grad``); the kernel gradient
       dW[ky, kx, ci, co] = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co]
@@ -19,6 +21,7 @@ with explicit padding.
 """
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -195,6 +198,27 @@ _onednn_input_grad.defvjp(_onednn_input_grad_fwd, _onednn_input_grad_bwd)
 _onednn_kernel_grad.defvjp(_onednn_kernel_grad_fwd, _onednn_kernel_grad_bwd)
 
 
+_warned_fallbacks: set[str] = set()
+
+
+def _onednn_serves(x: jax.Array, kernel: jax.Array, strides, padding) -> bool:
+    """Whether oneDNN can run this case on this CPU; else warn (once per dtype) and say no."""
+    native.require()
+    shapes = (tuple(x.shape), tuple(kernel.shape), strides, padding)
+    why = native.conv_unsupported(str(x.dtype), *shapes)
+    if why is None:
+        return True
+    if str(x.dtype) not in _warned_fallbacks:
+        _warned_fallbacks.add(str(x.dtype))
+        logging.warning(
+            "vq_jax: oneDNN has no %s convolution kernels for this CPU (oneDNN ISA %s; first "
+            "case: x %s, kernel %s: %s); using XLA's convolution for those cases (same result, "
+            "slower).",
+            x.dtype, native.cpu_isa(), shapes[0], shapes[1], why,
+        )  # fmt: skip
+    return False
+
+
 def resolve(weight_grad: str) -> str:
     """The mode "auto" stands for here: "onednn" where a single CPU device runs the program and
     the oneDNN kernels can be built, else "xla". (Several devices: a custom call has no sharding
@@ -226,7 +250,8 @@ def conv2d(
         return _xla_conv(x, kernel, strides, padding)
     if weight_grad == "patches":
         return _conv_patches_grad(x, kernel, strides, padding)
-    native.require()
+    if not _onednn_serves(x, kernel, strides, padding):
+        return _xla_conv(x, kernel, strides, padding)
     return jax.lax.platform_dependent(
         x,
         kernel,
