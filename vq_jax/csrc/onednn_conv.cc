@@ -178,11 +178,18 @@ Forward* MakeForward(const Geometry& g) {
                      Port(DNNL_ARG_DST, UserActivation(g.dst, g), pd.dst_desc(), false)};
 }
 
+// Backward data and backward weights take the same arguments: (diff_)src, (diff_)weights and
+// diff_dst descriptors, the geometry, and the forward primitive as a hint.
+template <typename PrimitiveDesc>
+PrimitiveDesc BackwardDesc(const Geometry& g) {
+  return PrimitiveDesc(Engine(), dnnl::algorithm::convolution_direct,
+                       PrimitiveActivation(g.src, g), memory::desc(g.wei, g.dt, tag::any),
+                       PrimitiveActivation(g.dst, g), g.strides, g.pad_l, g.pad_r, ForwardDesc(g),
+                       UserScratchpad());
+}
+
 BackwardData* MakeBackwardData(const Geometry& g) {
-  const dnnl::convolution_backward_data::primitive_desc pd(
-      Engine(), dnnl::algorithm::convolution_direct, PrimitiveActivation(g.src, g),
-      memory::desc(g.wei, g.dt, tag::any), PrimitiveActivation(g.dst, g), g.strides, g.pad_l,
-      g.pad_r, ForwardDesc(g), UserScratchpad());
+  const auto pd = BackwardDesc<dnnl::convolution_backward_data::primitive_desc>(g);
   return new BackwardData{
       pd, dnnl::convolution_backward_data(pd),
       Port(DNNL_ARG_DIFF_DST, UserActivation(g.dst, g), pd.diff_dst_desc(), true),
@@ -191,10 +198,7 @@ BackwardData* MakeBackwardData(const Geometry& g) {
 }
 
 BackwardWeights* MakeBackwardWeights(const Geometry& g) {
-  const dnnl::convolution_backward_weights::primitive_desc pd(
-      Engine(), dnnl::algorithm::convolution_direct, PrimitiveActivation(g.src, g),
-      memory::desc(g.wei, g.dt, tag::any), PrimitiveActivation(g.dst, g), g.strides, g.pad_l,
-      g.pad_r, ForwardDesc(g), UserScratchpad());
+  const auto pd = BackwardDesc<dnnl::convolution_backward_weights::primitive_desc>(g);
   return new BackwardWeights{
       pd, dnnl::convolution_backward_weights(pd),
       Port(DNNL_ARG_SRC, UserActivation(g.src, g), pd.src_desc(), true),
