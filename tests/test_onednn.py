@@ -157,19 +157,26 @@ def test_avx2_cpu_runs_float32_and_bfloat16_gd_steps_like_xla():
     """On an AVX2-only CPU (imitated with ONEDNN_MAX_CPU_ISA=AVX2; a no-op on such a CPU), the
     VQGAN G + D step (R1 and LeCam on) runs in float32 through oneDNN with XLA's measurements,
     and in bfloat16 (no oneDNN bf16 kernels there) through XLA's convs, reported in one line,
-    within bf16 rounding of the float32 step."""
+    with the measurements of the bfloat16 step in XLA mode."""
     proc = _onednn_isa_subprocess("AVX2", "tests/onednn_isa_check.py", timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
-    f32, xla, bf16 = runs["float32/onednn"], runs["float32/xla"], runs["bfloat16/onednn"]
-    assert f32["calls_onednn"] and not xla["calls_onednn"] and not bf16["calls_onednn"]
+    f32, f32_xla = runs["float32/onednn"], runs["float32/xla"]
+    bf16, bf16_xla = runs["bfloat16/onednn"], runs["bfloat16/xla"]
+    assert f32["onednn"] == {"float32": True, "bfloat16": False}
+    assert not bf16["onednn"]["bfloat16"]  # its float32 adaptive-weight conv may use oneDNN
+    assert f32_xla["onednn"] == bf16_xla["onednn"] == {"float32": False, "bfloat16": False}
     fallback = [line for line in proc.stderr.splitlines() if "oneDNN has no" in line]
     assert len(fallback) == 1 and "bfloat16" in fallback[0] and "AVX2" in fallback[0], fallback
-    assert set(f32["metrics"]) == set(xla["metrics"]) == set(bf16["metrics"])
-    for name, want in xla["metrics"].items():
-        # float32: the same sums in another order; bfloat16: 8-bit mantissas through the nets
+    for got, want in ((f32, f32_xla), (bf16, bf16_xla)):
+        assert set(got["metrics"]) == set(want["metrics"])
+    for name, want in f32_xla["metrics"].items():
+        # the same float32 sums in another order
         assert f32["metrics"][name] == pytest.approx(want, rel=1e-4, abs=1e-5), name
-        assert bf16["metrics"][name] == pytest.approx(want, rel=0.1, abs=0.02), name
+    for name, want in bf16_xla["metrics"].items():
+        # the same bf16 convs; only the float32 adaptive-weight conv differs, and with it the
+        # fusions around it, which may round to bf16 at other points (a few bf16 ulps, 2^-8)
+        assert bf16["metrics"][name] == pytest.approx(want, rel=2e-2, abs=1e-3), name
 
 
 @needs_onednn

@@ -57,8 +57,11 @@ class LossSettings:
     ema_decay: float = 0.0
 
 
-def last_layer_grad(features: jax.Array, kernel: jax.Array, grad_out: jax.Array) -> jax.Array:
-    """d(loss)/d(kernel) of the decoder's final 3x3 'SAME' conv, from d(loss)/d(output).
+def last_layer_grad(
+    features: jax.Array, kernel: jax.Array, grad_out: jax.Array, weight_grad: str = "auto"
+) -> jax.Array:
+    """d(loss)/d(kernel) of the decoder's final 3x3 'SAME' conv, from d(loss)/d(output),
+    computed the way the model computes its convs (`weight_grad`, see nets.conv.conv2d).
 
     The final layer is out = conv(features, kernel) + bias, so the gradient of any loss term with
     respect to `kernel` depends only on that layer's input and the term's gradient with respect to
@@ -67,7 +70,8 @@ def last_layer_grad(features: jax.Array, kernel: jax.Array, grad_out: jax.Array)
     """
     pad = ((1, 1), (1, 1))  # 'SAME' for the 3x3 conv
     _, vjp = jax.vjp(
-        lambda k: conv2d(features.astype(jnp.float32), k, (1, 1), pad), kernel.astype(jnp.float32)
+        lambda k: conv2d(features.astype(jnp.float32), k, (1, 1), pad, weight_grad),
+        kernel.astype(jnp.float32),
     )
     return vjp(grad_out.astype(jnp.float32))[0]
 
@@ -144,9 +148,10 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
                     jax.lax.stop_gradient(recon)
                 )
                 adv_grad_img = jax.grad(g_adv_fn)(jax.lax.stop_gradient(recon))
+                mode = getattr(comps.model, "conv_weight_grad", "auto")
                 lam = losses.adaptive_weight(
-                    last_layer_grad(features, kernel, rec_grad_img),
-                    last_layer_grad(features, kernel, adv_grad_img),
+                    last_layer_grad(features, kernel, rec_grad_img, mode),
+                    last_layer_grad(features, kernel, adv_grad_img, mode),
                     disc_weight=s.disc_weight,
                 )
             else:
