@@ -96,7 +96,8 @@ def preprocess(images: jax.Array, size: int = inception.INPUT_SIZE) -> jax.Array
 
 
 @functools.lru_cache(maxsize=2)
-def _feature_fn(weights: str) -> Callable[[np.ndarray], jax.Array]:
+def feature_fn(weights: str) -> Callable[[np.ndarray], jax.Array]:
+    """uint8 [B, H, W, C] -> pool3 features [B, 2048], jitted; loaded once per weights path."""
     params = inception.load_inception_params(weights)
     model = inception.InceptionV3()
     apply = jax.jit(lambda p, x: model.apply({"params": p}, preprocess(x)))
@@ -111,7 +112,7 @@ def inception_features(
     The last batch is padded to ``batch_size`` (one compiled program per image shape).
     """
     images = check_images(images)
-    fn = _feature_fn(weights or default_weights_path())
+    fn = feature_fn(weights or default_weights_path())
     n = images.shape[0]
     bs = min(batch_size, n)
     out = np.empty((n, inception.FEATURE_DIM), np.float64)
@@ -132,17 +133,35 @@ class StatsAccumulator:
         self.count = 0
         self.total = np.zeros(dim, np.float64)
         self.outer = np.zeros((dim, dim), np.float64)
+        self.rows: list[np.ndarray] | None = []  # kept while count <= dim (the cheap route)
 
     def add(self, features: np.ndarray) -> None:
         f = np.asarray(features, np.float64)
         self.count += f.shape[0]
         self.total += f.sum(axis=0)
         self.outer += f.T @ f
+        if self.rows is not None:
+            self.rows.append(f)
+            if self.count > len(self.total):
+                self.rows = None
 
     def merge(self, other: StatsAccumulator) -> None:
         self.count += other.count
         self.total += other.total
         self.outer += other.outer
+        if self.rows is not None and other.rows is not None and self.count <= len(self.total):
+            self.rows = self.rows + other.rows
+        else:
+            self.rows = None
+
+    def frechet_distance(self, other: StatsAccumulator) -> float:
+        """The Fréchet distance to `other`'s statistics; by the features themselves (O(N^2 D))
+        while both hold at most D rows, else by the covariances."""
+        if self.rows is not None and other.rows is not None:
+            return frechet_distance_of_features(
+                np.concatenate(self.rows), np.concatenate(other.rows)
+            )
+        return frechet_distance(*self.statistics(), *other.statistics())
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) with the unbiased (N - 1) covariance, as np.cov(rowvar=False)."""
