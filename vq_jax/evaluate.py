@@ -126,14 +126,8 @@ def evaluate_tokenizer(
             d = np.asarray(lpips_fn(jnp.asarray(x), jnp.asarray(out["recon"])))
             sums["lpips"] += float(np.sum(d[keep], dtype=np.float64))
         if features is not None:
-            real_u8, fake_u8 = metrics.to_uint8(x[keep]), metrics.to_uint8(out["recon"][keep])
-            if len(real_u8) < 2:  # a 1-image tail: pad the Inception batch, keep one row
-                real_f = features(np.concatenate([real_u8, real_u8]))[:1]
-                fake_f = features(np.concatenate([fake_u8, fake_u8]))[:1]
-            else:
-                real_f, fake_f = features(real_u8), features(fake_u8)
-            real_acc.add(real_f)
-            fake_acc.add(fake_f)
+            real_acc.add(features(metrics.to_uint8(x[keep])))
+            fake_acc.add(features(metrics.to_uint8(out["recon"][keep])))
         n += int(keep.sum())
     if n == 0:
         raise ValueError(f"split={split!r} of the tokenizer's dataset has no images")
@@ -224,13 +218,9 @@ def evaluate_prior(
         t = time.time()
         images, _, _ = prior.generate(b, labels=labels, seed=seed + i, **sampling)
         sample_seconds += time.time() - t
-        if b == 1:
-            images = np.concatenate([images, images])
-            acc.add(fid_lib.inception_features(images, weights=inception_weights)[:1])
-        else:
-            acc.add(
-                fid_lib.inception_features(images, weights=inception_weights, batch_size=batch_size)
-            )
+        acc.add(
+            fid_lib.inception_features(images, weights=inception_weights, batch_size=batch_size)
+        )
     sc = prior.config.sampling.copy_and_resolve_references()
     for k, v in sampling.items():
         if v is not None:
