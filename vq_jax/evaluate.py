@@ -2,8 +2,8 @@
 whole split, and a prior's gFID; prints them and writes JSON.
 
   python -m vq_jax.evaluate --workdir=W [--split=test] [--num=N] [--out=W/eval/evaluate.json]
-  python -m vq_jax.evaluate --prior_workdir=P [--num_samples=10000] [--temperature=T]
-      [--top_k=K] [--top_p=P] [--cfg_scale=S] [--seed=S]
+  python -m vq_jax.evaluate --prior_workdir=P [--num_samples=10000] [--num_reference=N]
+      [--temperature=T] [--top_k=K] [--top_p=P] [--cfg_scale=S] [--seed=S]
 
 Reconstruction metrics compare the tokenizer's input (the split preprocessed as training reads
 it, e.g. Fashion-MNIST padded to 32x32) with its clipped reconstruction: PSNR / SSIM on floats in
@@ -303,6 +303,7 @@ def main(argv: list[str]) -> None:
                 seed=f.seed,
                 inception_weights=inception,
                 stats_dir=f.stats_dir,
+                num_reference=f.num_reference,
                 temperature=f.temperature,
                 top_k=f.top_k,
                 top_p=f.top_p,
@@ -326,6 +327,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("split", "test", "Dataset split (the tokenizer's dataset).")
     flags.DEFINE_integer("num", None, "Tokenizer: only the first NUM images (default: all).")
     flags.DEFINE_integer("num_samples", 10_000, "Prior: samples for gFID.")
+    flags.DEFINE_integer("num_reference", None, "Prior: first N split images (default: all).")
     flags.DEFINE_integer("batch_size", 100, "Images per batch (reconstruction, Inception).")
     flags.DEFINE_integer("step", None, "Tokenizer checkpoint step (default: the newest).")
     flags.DEFINE_integer("seed", 0, "Prior sampling seed (batch i uses seed + i).")
