@@ -5,17 +5,22 @@ one-line errors naming the fix."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from subproc import run_script, train_args
 
 from configs import prior as prior_configs
+from configs import vqvae
 from vq_jax import api, evaluate, fid, metrics, trainer
+from vq_jax.nets import lpips as lpips_lib
 
 INCEPTION = fid.default_weights_path()
 
 
 HAVE_INCEPTION = os.path.isfile(INCEPTION)
+LPIPS_WEIGHTS = lpips_lib.default_weights_path()
+HAVE_LPIPS = os.path.isfile(LPIPS_WEIGHTS)
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +49,21 @@ def test_evaluate_equals_the_trainers_evaluation(workdir, tmp_path):
         num=8,
         batch_size=4,
         inception_weights=INCEPTION if HAVE_INCEPTION else None,
-        lpips_weights=None,
+        lpips_weights=LPIPS_WEIGHTS if HAVE_LPIPS else None,
         stats_dir=str(stats),
     )
+    if HAVE_LPIPS:  # mean LPIPS(input, clipped reconstruction), computed here directly
+        tok = api.load(workdir)
+        x = np.concatenate([f for _, f, _ in api.iterate_split(tok, "test", num=8)])
+        apply = jax.jit(lambda v, x: tok.model.apply(v, x, train=False)[0])
+        recon = np.clip(apply(tok._variables(), x), -1, 1)
+        params = lpips_lib.load_lpips_params(LPIPS_WEIGHTS)
+        want = np.mean(jax.jit(lpips_lib.LPIPS().apply)({"params": params}, x, recon))
+        np.testing.assert_allclose(r["lpips"], want, rtol=1e-4)
     assert r["num_images"] == trainer["num_examples"] == 8
     for k in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
         np.testing.assert_allclose(r[k], trainer[k], rtol=1e-5, err_msg=k)
     assert r["codes_used"] == trainer["codes_used"]
-    assert "lpips" not in r
     if not HAVE_INCEPTION:
         pytest.skip(f"rFID part: no Inception weights at {INCEPTION} (CI makes them)")
     assert r["rfid_num"] == trainer["rfid_num"] == 8
@@ -70,6 +82,11 @@ def test_bad_weight_paths_name_the_fix(workdir, tmp_path):
         evaluate.evaluate_tokenizer(
             workdir, num=2, inception_weights=None, lpips_weights=str(tmp_path / "no.npz")
         )
+    config = vqvae.get_config("tiny")
+    config.eval.inception_weights = str(tmp_path / "no.npz")
+    with pytest.raises(FileNotFoundError, match=r"convert_inception\.py"):  # before any step
+        trainer.train(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
     proc = run_script(
         "-m",
         "vq_jax.evaluate",
