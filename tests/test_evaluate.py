@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from subproc import run_script, train_args
 
-from configs import prior as prior_configs
 from configs import vqvae
 from vq_jax import api, evaluate, fid, metrics, trainer
 from vq_jax.nets import lpips as lpips_lib
@@ -100,32 +99,39 @@ def test_bad_weight_paths_name_the_fix(workdir, tmp_path):
     assert last.startswith("evaluate: Inception weight file") and "pip install -e '.[fid]'" in last
 
 
-@pytest.mark.slow  # trains a tiny prior and samples twice: ~95 s on the loaded 2-core machine
+class StubPrior:
+    """A prior that 'samples' known images and records how it was called: gFID's plumbing
+    (class balance, seeds, sampling overrides, batching) without training one (api.load_prior
+    and Prior.generate themselves are tested in test_prior.py)."""
+
+    def __init__(self, tokenizer, images):
+        import ml_collections as mlc
+
+        self.tokenizer, self.images, self.calls = tokenizer, images, []
+        self.num_classes, self.step = 10, 7
+        self.config = mlc.ConfigDict({"sampling": {"temperature": 1.0, "top_k": 0}})
+        self.comps = type("Comps", (), {"kind": "autoregressive"})()
+
+    def generate(self, num, *, labels=None, seed=0, **overrides):
+        start = sum(n for n, _, _, _ in self.calls)
+        self.calls.append((num, np.asarray(labels).tolist(), seed, overrides))
+        return self.images[start : start + num], None, labels
+
+
 @pytest.mark.skipif(not HAVE_INCEPTION, reason=f"no FID Inception weights at {INCEPTION}")
-def test_gfid_of_a_class_conditional_prior(workdir, tmp_path):
-    """evaluate_prior's gFID equals metrics.fid of the same class-balanced samples (labels
-    0..3, seed 3, the given temperature / top-k) against the same reference images."""
-    config = prior_configs.get_config("tiny")
-    config.tokenizer_workdir = workdir
-    config.train.steps = 2
-    prior_dir = str(tmp_path / "prior")
-    trainer.train(config, prior_dir)
+def test_gfid_plumbing(workdir, monkeypatch):
+    tok = api.load(workdir)
+    split = np.concatenate([u8 for u8, _, _ in api.iterate_split(tok, "test", num=12)])
+    ref, samples = split[:4], split[4:12][::-1]  # batches of 4 only: one compiled Inception
+    stub = StubPrior(tok, samples)
+    monkeypatch.setattr(api, "load_prior", lambda path: stub)
     r = evaluate.evaluate_prior(
-        prior_dir,
-        num_samples=4,
-        num_reference=4,
-        batch_size=4,
-        seed=3,
-        inception_weights=INCEPTION,
-        temperature=0.5,
-        top_k=3,
-    )
-    assert r["gfid_num_samples"] == r["gfid_num_reference"] == 4 and r["class_balanced"]
-    assert r["sampling"]["temperature"] == 0.5 and r["sampling"]["top_k"] == 3
-    assert r["gfid"] > 0 and r["sample_seconds"] > 0
-    # the same samples and reference images through the public FID
-    prior = api.load_prior(prior_dir)
-    samples, _, _ = prior.generate(4, labels=np.arange(4), seed=3, temperature=0.5, top_k=3)
-    ref = np.concatenate([u8 for u8, _, _ in api.iterate_split(prior.tokenizer, "test", num=4)])
+        "P", num_samples=8, num_reference=4, batch_size=4, seed=3,
+        inception_weights=INCEPTION, temperature=0.5, top_k=None,
+    )  # fmt: skip
+    assert [c[:3] for c in stub.calls] == [(4, [0, 1, 2, 3], 3), (4, [4, 5, 6, 7], 4)]
+    assert stub.calls[0][3] == {"temperature": 0.5, "top_k": None}
+    assert r["sampling"] == {"temperature": 0.5, "top_k": 0}
+    assert r["gfid_num_samples"] == 8 and r["gfid_num_reference"] == 4 and r["class_balanced"]
     want = metrics.fid(ref, samples, weights=INCEPTION, batch_size=4)
-    np.testing.assert_allclose(r["gfid"], want, rtol=1e-4)
+    np.testing.assert_allclose(r["gfid"], want, rtol=1e-6)

@@ -320,6 +320,11 @@ def test_fid_properties_on_real_images(feature_sets):
 @needs_weights
 def test_public_fid_matches_pipeline(feature_sets):
     sets, feats = feature_sets
-    got = metrics.fid(sets["a"], sets["noise32.0"], weights=WEIGHTS, batch_size=N_SET)
+    home = os.path.expanduser("~")
+    if WEIGHTS.startswith(home + os.sep):  # "~/..." paths are expanded, as in the README
+        weights = "~" + WEIGHTS[len(home) :]
+    else:
+        weights = WEIGHTS
+    got = metrics.fid(sets["a"], sets["noise32.0"], weights=weights, batch_size=N_SET)
     want = fid.frechet_distance_of_features(feats["a"], feats["noise32.0"])
     assert got == pytest.approx(want, rel=1e-9)

@@ -213,7 +213,7 @@ def validate_flat_params(flat: dict[str, np.ndarray], source: str) -> None:
 
 def load_inception_params(path: str | os.PathLike) -> dict:
     """Nested float32 params from a .npz written by scripts/convert_inception.py."""
-    path = os.fspath(path) if path is not None else ""
+    path = os.path.expanduser(os.fspath(path)) if path is not None else ""
     if not path:
         raise FileNotFoundError(f"no Inception weight file given (weights=''); {CONVERT_HINT}.")
     if not os.path.isfile(path):

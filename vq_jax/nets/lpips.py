@@ -228,7 +228,7 @@ def load_lpips_params(path: str | os.PathLike) -> dict:
 
     Use as ``LPIPS().apply({'params': load_lpips_params(path)}, x, y)``.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not path:
         raise FileNotFoundError(f"no LPIPS weight file given; {CONVERT_HINT}.")
     if not os.path.isfile(path):
