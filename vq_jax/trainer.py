@@ -23,6 +23,7 @@ import ml_collections as mlc
 import numpy as np
 
 from vq_jax import api, checkpoints, data, metrics, xla_options
+from vq_jax import fid as fid_lib
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
 from vq_jax.state import State
@@ -239,14 +240,22 @@ class MetricBuffer:
 
 
 def evaluate_split(
-    eval_step, params: Any, model_state: Any, batches: Iterator[dict], sharding
+    eval_step,
+    params: Any,
+    model_state: Any,
+    batches: Iterator[dict],
+    sharding,
+    on_batch: Callable[[dict[str, jax.Array]], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, jax.Array] | None]:
     """Exact means over the held-out split (every process passes its own batches; the step
-    sums over the global batch), plus the first global batch for the image grid."""
+    sums over the global batch), plus the first global batch for the image grid.
+    `on_batch(global_batch)` runs on every batch (e.g. to gather Inception statistics)."""
     totals, first = None, None
     for batch in batches:
         global_batch = to_global(batch, sharding)
         sums = eval_step(params, model_state, global_batch)
+        if on_batch is not None:
+            on_batch(global_batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         if first is None:
             first = global_batch
@@ -407,6 +416,61 @@ def run(
     return final_eval
 
 
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of an array split on the data axis (its addressable shards, in order;
+    replicas of the same rows counted once)."""
+    shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+class RFIDStats:
+    """rFID during the trainer's evaluation: every process runs Inception on its own rows of
+    each eval batch (originals and reconstructions); the sums are combined across processes.
+    The originals' statistics are kept after the first evaluation (the split does not change)."""
+
+    def __init__(self, comps: state_lib.Components, mesh: jax.sharding.Mesh, weights: str):
+        fid_lib.feature_fn(weights)  # a bad path fails at start, naming the fix
+        self.weights = weights
+        batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
+        repl = jax.NamedSharding(mesh, jax.P())
+        model = comps.model
+
+        def recon(p: Any, ms: Any, x: jax.Array) -> jax.Array:
+            return jnp.clip(model.apply({"params": p, **ms}, x, train=False)[0], -1.0, 1.0)
+
+        self._recon = jax.jit(
+            recon,
+            in_shardings=(repl, repl, batch_sharding),
+            out_shardings=batch_sharding,
+            compiler_options=xla_options.mesh_compiler_options(mesh),
+        )
+        self._real: fid_lib.StatsAccumulator | None = None
+
+    def start(self, params: Any, model_state: Any) -> None:
+        self._vars = (params, model_state)
+        self._fake = fid_lib.StatsAccumulator()
+        self._real_new = fid_lib.StatsAccumulator() if self._real is None else None
+
+    def add(self, global_batch: dict[str, jax.Array]) -> None:
+        recon = self._recon(*self._vars, global_batch["image"])
+        keep = _local_rows(global_batch["mask"]) > 0
+        if not keep.any():
+            return
+        feats = lambda x: fid_lib.inception_features(
+            metrics.to_uint8(_local_rows(x)[keep]), weights=self.weights
+        )
+        self._fake.add(feats(recon))
+        if self._real_new is not None:
+            self._real_new.add(feats(global_batch["image"]))
+
+    def finish(self) -> dict[str, float]:
+        if self._real_new is not None:
+            self._real = self._real_new.allgather()
+        fake = self._fake.allgather()
+        self._vars = None
+        return {"rfid": self._real.frechet_distance(fake), "rfid_num": fake.count}
+
+
 def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Task:
     """The VQ-VAE / VQGAN task: validates config and data before anything compiles."""
     comps = state_lib.build(config)
@@ -455,6 +519,9 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         compiler_options=xla_options.mesh_compiler_options(mesh),
     )
 
+    inception_weights = config.get("eval", {}).get("inception_weights", "")
+    rfid = RFIDStats(comps, mesh, inception_weights) if inception_weights else None
+
     def evaluate(state: State, step: int, writer: metrics.MetricWriter) -> dict[str, float]:
         params = state.get("ema_params", state["params"])
         batches = data.make_eval_batches(
@@ -466,9 +533,15 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
             max_batches=tc.eval_batches or None,
         )
         t0 = time.time()
+        on_batch = None
+        if rfid is not None:
+            rfid.start(params, state["model_state"])
+            on_batch = rfid.add
         result, first = evaluate_split(
-            eval_step, params, state["model_state"], batches, batch_sharding
+            eval_step, params, state["model_state"], batches, batch_sharding, on_batch
         )
+        if rfid is not None:
+            result.update(rfid.finish())
         result["eval_seconds"] = time.time() - t0
         writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
         pairs = None
@@ -483,8 +556,10 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
                 )
                 metrics.save_png(os.path.join(workdir, "eval", f"step_{step}.png"), grid)
                 writer.write_images(step, "eval/originals_vs_reconstructions", grid[None])
+            fid_part = f"rFID {result['rfid']:.2f} (N = {result['rfid_num']}) | " if rfid else ""
             print(
-                f"eval step {step}: psnr {result['psnr']:.2f} dB | ssim {result['ssim']:.4f} | "
+                f"eval step {step}: {fid_part}psnr {result['psnr']:.2f} dB | "
+                f"ssim {result['ssim']:.4f} | "
                 f"codebook usage {result['codebook_usage']:.3f} ({result['codes_used']} codes) | "
                 f"perplexity {result['codebook_perplexity']:.1f}",
                 flush=True,

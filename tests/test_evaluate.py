@@ -1,0 +1,137 @@
+"""`python -m vq_jax.evaluate` on a tiny trained tokenizer: its PSNR / SSIM / usage / rFID equal
+the trainer's periodic evaluation (eval.inception_weights set), and bad weight paths give
+one-line errors naming the fix."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from subproc import run_script, train_args
+
+from configs import vqvae
+from vq_jax import api, evaluate, fid, metrics, trainer
+from vq_jax.nets import lpips as lpips_lib
+
+INCEPTION = fid.default_weights_path()
+
+
+HAVE_INCEPTION = os.path.isfile(INCEPTION)
+LPIPS_WEIGHTS = lpips_lib.default_weights_path()
+HAVE_LPIPS = os.path.isfile(LPIPS_WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """tiny VQ-VAE on 2 devices; its evaluation (eval split 'test', 1 batch of 8 images)
+    includes rFID when the Inception weights exist."""
+    w = str(tmp_path_factory.mktemp("tiny_vqvae"))
+    extra = ["--config.train.eval_batches=1"]
+    if HAVE_INCEPTION:
+        extra.append(f"--config.eval.inception_weights={INCEPTION}")
+    proc = run_script(*train_args("vqvae", w, *extra), devices=2)
+    if HAVE_INCEPTION:
+        assert "rFID" in proc.stdout and "(N = 8)" in proc.stdout
+    return w
+
+
+def test_evaluate_equals_the_trainers_evaluation(workdir, tmp_path):
+    """Two code paths over the same 8 images: the trainer's (sharded over 2 devices, this
+    process's rows through Inception) and vq_jax.evaluate's (one process, batches of 4)."""
+    with open(os.path.join(workdir, "eval", "step_4.json")) as f:
+        trainer = json.load(f)
+    stats = tmp_path / "stats"
+    r = evaluate.evaluate_tokenizer(
+        workdir,
+        split="test",
+        num=8,
+        batch_size=4,
+        inception_weights=INCEPTION if HAVE_INCEPTION else None,
+        lpips_weights=LPIPS_WEIGHTS if HAVE_LPIPS else None,
+        stats_dir=str(stats),
+    )
+    if HAVE_LPIPS:  # mean LPIPS(input, clipped reconstruction), computed here directly
+        tok = api.load(workdir)
+        x = np.concatenate([f for _, f, _ in api.iterate_split(tok, "test", num=8)])
+        apply = jax.jit(lambda v, x: tok.model.apply(v, x, train=False)[0])
+        recon = np.clip(apply(tok._variables(), x), -1, 1)
+        params = lpips_lib.load_lpips_params(LPIPS_WEIGHTS)
+        want = np.mean(jax.jit(lpips_lib.LPIPS().apply)({"params": params}, x, recon))
+        np.testing.assert_allclose(r["lpips"], want, rtol=1e-4)
+    assert r["num_images"] == trainer["num_examples"] == 8
+    for k in ("psnr", "ssim", "codebook_usage", "codebook_perplexity"):
+        np.testing.assert_allclose(r[k], trainer[k], rtol=1e-5, err_msg=k)
+    assert r["codes_used"] == trainer["codes_used"]
+    if not HAVE_INCEPTION:
+        pytest.skip(f"rFID part: no Inception weights at {INCEPTION} (CI makes them)")
+    assert r["rfid_num"] == trainer["rfid_num"] == 8
+    assert r["rfid"] > 0
+    np.testing.assert_allclose(r["rfid"], trainer["rfid"], rtol=1e-4)
+    assert "rFID" in evaluate._summary(r) and "(N = 8)" in evaluate._summary(r)
+    assert len(os.listdir(stats)) == 1  # the split's statistics, cached
+
+
+def test_bad_weight_paths_name_the_fix(workdir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"scripts/convert_inception\.py --out="):
+        evaluate.evaluate_tokenizer(
+            workdir, num=2, inception_weights=str(tmp_path / "no.npz"), lpips_weights=None
+        )
+    with pytest.raises(FileNotFoundError, match=r"scripts/convert_lpips\.py"):
+        evaluate.evaluate_tokenizer(
+            workdir, num=2, inception_weights=None, lpips_weights=str(tmp_path / "no.npz")
+        )
+    config = vqvae.get_config("tiny")
+    config.eval.inception_weights = str(tmp_path / "no.npz")
+    with pytest.raises(FileNotFoundError, match=r"convert_inception\.py"):  # before any step
+        trainer.train(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+    proc = run_script(
+        "-m",
+        "vq_jax.evaluate",
+        f"--workdir={workdir}",
+        f"--inception_weights={tmp_path / 'no.npz'}",
+        devices=1,
+        check=False,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate: Inception weight file") and "pip install -e '.[fid]'" in last
+
+
+class StubPrior:
+    """A prior that 'samples' known images and records how it was called: gFID's plumbing
+    (class balance, seeds, sampling overrides, batching) without training one (api.load_prior
+    and Prior.generate themselves are tested in test_prior.py)."""
+
+    def __init__(self, tokenizer, images):
+        import ml_collections as mlc
+
+        self.tokenizer, self.images, self.calls = tokenizer, images, []
+        self.num_classes, self.step = 10, 7
+        self.config = mlc.ConfigDict({"sampling": {"temperature": 1.0, "top_k": 0}})
+        self.comps = type("Comps", (), {"kind": "autoregressive"})()
+
+    def generate(self, num, *, labels=None, seed=0, **overrides):
+        start = sum(n for n, _, _, _ in self.calls)
+        self.calls.append((num, np.asarray(labels).tolist(), seed, overrides))
+        return self.images[start : start + num], None, labels
+
+
+@pytest.mark.skipif(not HAVE_INCEPTION, reason=f"no FID Inception weights at {INCEPTION}")
+def test_gfid_plumbing(workdir, monkeypatch):
+    tok = api.load(workdir)
+    split = np.concatenate([u8 for u8, _, _ in api.iterate_split(tok, "test", num=12)])
+    ref, samples = split[:4], split[4:12][::-1]  # batches of 4 only: one compiled Inception
+    stub = StubPrior(tok, samples)
+    monkeypatch.setattr(api, "load_prior", lambda path: stub)
+    r = evaluate.evaluate_prior(
+        "P", num_samples=8, num_reference=4, batch_size=4, seed=3,
+        inception_weights=INCEPTION, temperature=0.5, top_k=None,
+    )  # fmt: skip
+    assert [c[:3] for c in stub.calls] == [(4, [0, 1, 2, 3], 3), (4, [4, 5, 6, 7], 4)]
+    assert stub.calls[0][3] == {"temperature": 0.5, "top_k": None}
+    assert r["sampling"] == {"temperature": 0.5, "top_k": 0}
+    assert r["gfid_num_samples"] == 8 and r["gfid_num_reference"] == 4 and r["class_balanced"]
+    want = metrics.fid(ref, samples, weights=INCEPTION, batch_size=4)
+    np.testing.assert_allclose(r["gfid"], want, rtol=1e-6)
