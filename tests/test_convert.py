@@ -1,0 +1,282 @@
+"""scripts/convert_checkpoint.py and vq_jax.convert against PyTorch reference tokenizers.
+
+Real checkpoints cannot be downloaded here, so tests/torch_tokenizers.py re-implements both
+sources (same key names and layouts, written from reading them) at small sizes with random
+weights; the files are saved in each source's format (taming: a Lightning-style dict whose
+pickle names a class that cannot be imported; LlamaGen: {"model": state_dict}). Parity: encode
+indices equal the PyTorch argmin on >= 99% of tokens, decoding matches within 1e-4 in float32.
+"""
+
+import os
+import pickle
+import sys
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from subproc import run_script
+
+import vq_jax
+from configs import vqvae
+from vq_jax import convert
+
+torch = pytest.importorskip("torch")
+import torch_tokenizers as tt  # noqa: E402  (needs torch)
+
+TAMING = dict(
+    ch=32,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(16,),  # level 1 of 3 at resolution 32: neither end of the up list
+    resolution=32,
+    in_channels=3,
+    z_channels=32,
+    n_embed=128,
+    embed_dim=16,
+)
+LLAMAGEN = convert.LlamaGenModel(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
+                                 resolution=32)  # fmt: skip
+LLAMAGEN_CODES = (64, 8)
+
+YAML = """model:
+  base_learning_rate: 4.5e-06
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: {embed_dim}
+    n_embed: {n_embed}
+    ddconfig:
+      double_z: false
+      z_channels: {z_channels}
+      resolution: {resolution}
+      in_channels: {in_channels}
+      out_ch: {in_channels}
+      ch: {ch}
+      ch_mult: {ch_mult}
+      num_res_blocks: {num_res_blocks}
+      attn_resolutions: {attn_resolutions}
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params: {{disc_start: 250001}}
+"""
+
+
+def _lightning_checkpoint(state_dict):
+    """A dict shaped like a PyTorch Lightning .ckpt; its pickle names
+    pytorch_lightning.callbacks.ModelCheckpoint, which this environment cannot import."""
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    module = types.ModuleType(name)
+    callback = type("ModelCheckpoint", (), {"__module__": name})
+    module.ModelCheckpoint = callback
+    instance = callback()
+    instance.best_model_score = torch.tensor(0.5)
+    parents = ["pytorch_lightning", "pytorch_lightning.callbacks"]
+    for parent in parents:  # pickle imports the package chain; only while pickling
+        sys.modules[parent] = types.ModuleType(parent)
+    sys.modules[name] = module
+    return {
+        "epoch": 3,
+        "global_step": 1000,
+        "pytorch-lightning_version": "1.0.8",
+        "state_dict": state_dict,
+        "callbacks": {callback: {"best_model_score": torch.tensor(0.5)}},
+        "hparams": instance,
+        "optimizer_states": [],
+    }, [name, *parents]
+
+
+def write_taming(directory, *, seed=0, sd_edit=None, yaml_edit=None):
+    """(model, ckpt path, yaml path) of a random taming VQGAN saved like a released folder."""
+    model = tt.randomize(tt.TamingVQModel(**TAMING), seed)
+    sd = model.state_dict()
+    if sd_edit:
+        sd_edit(sd)
+    ckpt, fake_modules = _lightning_checkpoint(sd)
+    path = os.path.join(directory, "last.ckpt")
+    try:
+        torch.save(ckpt, path)
+    finally:
+        for name in fake_modules:
+            del sys.modules[name]
+    yaml_path = os.path.join(directory, "model.yaml")
+    fields = {**TAMING, **(yaml_edit or {})}
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    with open(yaml_path, "w") as f:
+        f.write(YAML.format(**fields))
+    return model, path, yaml_path
+
+
+def write_llamagen(directory, *, seed=1):
+    model = tt.LlamaGenVQModel(
+        ch=LLAMAGEN.ch,
+        ch_mult=LLAMAGEN.ch_mult,
+        num_res_blocks=LLAMAGEN.num_res_blocks,
+        z_channels=LLAMAGEN.z_channels,
+        codebook_size=LLAMAGEN_CODES[0],
+        embed_dim=LLAMAGEN_CODES[1],
+    )
+    model = tt.randomize(model, seed)
+    path = os.path.join(directory, "vq_ds4_test.pt")
+    torch.save({"model": model.state_dict()}, path)
+    return model, path
+
+
+def base_config():
+    """Everything but the generator from the tiny test config (synthetic data, batch 8)."""
+    return vqvae.get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def taming_run(tmp_path_factory):
+    """A taming checkpoint converted by the script, as a user runs it."""
+    d = tmp_path_factory.mktemp("taming")
+    model, ckpt, yaml_path = write_taming(str(d))
+    workdir = str(d / "workdir")
+    proc = run_script(
+        "scripts/convert_checkpoint.py",
+        "--source=taming",
+        f"--checkpoint={ckpt}",
+        f"--config={yaml_path}",
+        f"--workdir={workdir}",
+        "--base=configs/vqvae.py:tiny",
+    )
+    assert "attention at levels (1,)" in proc.stdout, proc.stdout
+    return model, ckpt, yaml_path, workdir
+
+
+@pytest.fixture(scope="module")
+def llamagen_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llamagen")
+    model, path = write_llamagen(str(d))
+    workdir = str(d / "workdir")
+    convert.convert("llamagen", path, workdir, base_config=base_config(), model=LLAMAGEN)
+    return model, path, workdir
+
+
+def assert_parity(torch_model, workdir, seed=0):
+    tok = vq_jax.load(workdir)
+    images = np.random.default_rng(seed).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        want = torch_model.encode(x).numpy()
+    got = tok.encode(images)
+    assert got.shape == want.shape == (4, 8, 8)
+    assert np.mean(got == want) >= 0.99, np.mean(got == want)
+    with torch.no_grad():
+        want_images = torch_model.decode_code(torch.from_numpy(want)).permute(0, 2, 3, 1).numpy()
+    got_images = tok.model.apply(tok._variables(), jnp.asarray(want), method="decode_indices")
+    assert np.abs(want_images).max() > 0.5  # a non-trivial output
+    np.testing.assert_allclose(np.asarray(got_images), want_images, atol=1e-4, rtol=0)
+    return tok, images
+
+
+def test_taming_checkpoint_needs_the_stub_unpickler(taming_run):
+    _, ckpt, _, _ = taming_run
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def test_taming_parity(taming_run):
+    model, _, _, workdir = taming_run
+    tok, images = assert_parity(model, workdir)
+    assert tok.config.model.attn_levels == [1] and tok.config.quantizer.l2_normalize is False
+    recon = tok.reconstruct(images)
+    assert recon.shape == images.shape and recon.dtype == np.uint8
+
+
+def test_llamagen_parity(llamagen_run):
+    model, _, workdir = llamagen_run
+    tok, _ = assert_parity(model, workdir, seed=1)
+    assert tok.config.model.attn_levels == [2] and tok.config.quantizer.l2_normalize is True
+    assert tok.codebook_size == LLAMAGEN_CODES[0]
+
+
+def test_sample_py_reconstructs_a_converted_workdir(taming_run, tmp_path):
+    out = str(tmp_path / "recon.npz")
+    run_script("sample.py", f"--workdir={taming_run[3]}", "--mode=reconstruct", "--num=4",
+               f"--out={out}")  # fmt: skip
+    with np.load(out) as f:
+        assert f["reconstructions"].shape == (4, 32, 32, 3)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _error(tmp_path, source, ckpt, **kw) -> str:
+    with pytest.raises(convert.ConversionError) as e:
+        convert.convert(source, ckpt, str(tmp_path / "w"), base_config=base_config(), **kw)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_yaml_is_named(taming_run, tmp_path):
+    assert "needs the model's yaml" in _error(tmp_path, "taming", taming_run[1])
+    assert "does not exist" in _error(
+        tmp_path, "taming", taming_run[1], yaml_path=str(tmp_path / "nope.yaml")
+    )
+
+
+def test_unknown_missing_and_misshapen_keys_are_named(tmp_path):
+    def extra(sd):
+        sd["encoder.down.0.block.0.temb_proj.weight"] = torch.zeros(32, 512)
+
+    def missing(sd):
+        del sd["encoder.down.1.block.0.nin_shortcut.weight"]
+
+    _, ckpt, yaml_path = write_taming(str(tmp_path), sd_edit=extra)
+    msg = _error(tmp_path, "taming", ckpt, yaml_path=yaml_path)
+    assert "unknown key 'encoder.down.0.block.0.temb_proj.weight'" in msg
+    _, ckpt, yaml_path = write_taming(str(tmp_path), sd_edit=missing)
+    msg = _error(tmp_path, "taming", ckpt, yaml_path=yaml_path)
+    assert "lacks key 'encoder.down.1.block.0.nin_shortcut.weight'" in msg
+    assert "(expected shape (64, 32, 1, 1))" in msg
+    _, ckpt, yaml_path = write_taming(str(tmp_path), yaml_edit={"n_embed": 64})
+    msg = _error(tmp_path, "taming", ckpt, yaml_path=yaml_path)
+    assert "'quantize.embedding.weight'" in msg and "(128, 16), expected (64, 16)" in msg
+    # an architecture that does not match the weights: one more res block per level
+    _, ckpt, yaml_path = write_taming(str(tmp_path), yaml_edit={"num_res_blocks": 2})
+    msg = _error(tmp_path, "taming", ckpt, yaml_path=yaml_path)
+    assert "lacks key 'decoder.up.0.block.2.conv1.bias' (expected shape (32,))" in msg
+
+
+def test_wrong_source_is_named(taming_run, llamagen_run, tmp_path):
+    msg = _error(tmp_path, "llamagen", taming_run[1], model="VQ-16")
+    assert "taming's layout" in msg and "--source=taming" in msg
+    msg = _error(tmp_path, "taming", llamagen_run[1], yaml_path=taming_run[2])
+    assert "LlamaGen's layout" in msg and "--source=llamagen" in msg
+    # taming's weights under LlamaGen's {"model": ...}: the first key is LlamaGen-unknown
+    path = str(tmp_path / "mixed.pt")
+    torch.save({"model": taming_run[0].state_dict()}, path)
+    msg = _error(tmp_path, "llamagen", path, model=LLAMAGEN)
+    assert "unknown key 'encoder.down." in msg and "--source=taming" in msg
+    assert "not a LlamaGen VQ model" in _error(tmp_path, "llamagen", path, model="VQ-32")
+
+
+def test_script_reports_errors_in_one_line(taming_run, tmp_path):
+    proc = run_script(
+        "scripts/convert_checkpoint.py",
+        "--source=taming",
+        f"--checkpoint={taming_run[1]}",
+        f"--workdir={tmp_path / 'w'}",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "convert_checkpoint.py: --source=taming needs the model's yaml: pass "
+        "--config=PATH/model.yaml (in the released folder next to last.ckpt, e.g. "
+        "configs/model.yaml)."
+    ]
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_refuses_to_overwrite_a_workdir(taming_run):
+    _, ckpt, yaml_path, workdir = taming_run
+    with pytest.raises(convert.ConversionError, match="already holds checkpoints"):
+        convert.convert("taming", ckpt, workdir, base_config=base_config(), yaml_path=yaml_path)
+
+
+def test_torch_is_imported_by_the_converter_only():
+    code = "import sys, vq_jax, vq_jax.trainer, vq_jax.convert; assert 'torch' not in sys.modules"
+    run_script("-c", code)
