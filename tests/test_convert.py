@@ -10,8 +10,6 @@ indices equal the PyTorch argmin on >= 99% of tokens, decoding matches within 1e
 import ast
 import os
 import pickle
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -26,102 +24,7 @@ from vq_jax import api, convert, trainer
 torch = pytest.importorskip("torch")
 import torch_tokenizers as tt  # noqa: E402  (needs torch)
 
-TAMING = dict(
-    ch=32,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(32,),  # level 0 at resolution 32: the up list's first, run last
-    resolution=32,
-    in_channels=3,
-    z_channels=32,
-    n_embed=128,
-    embed_dim=16,
-)
-LLAMAGEN = convert.LlamaGenModel(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
-                                 resolution=16)  # fmt: skip
-LLAMAGEN_CODES = (64, 8)
-
-YAML = """model:
-  base_learning_rate: 4.5e-06
-  target: taming.models.vqgan.VQModel
-  params:
-    embed_dim: {embed_dim}
-    n_embed: {n_embed}
-    ddconfig:
-      double_z: false
-      z_channels: {z_channels}
-      resolution: {resolution}
-      in_channels: {in_channels}
-      out_ch: {in_channels}
-      ch: {ch}
-      ch_mult: {ch_mult}
-      num_res_blocks: {num_res_blocks}
-      attn_resolutions: {attn_resolutions}
-      dropout: 0.0
-    lossconfig:
-      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
-      params: {{disc_start: 250001}}
-"""
-
-
-def _lightning_checkpoint(state_dict):
-    """A dict shaped like a PyTorch Lightning .ckpt; its pickle names
-    pytorch_lightning.callbacks.ModelCheckpoint, which this environment cannot import."""
-    name = "pytorch_lightning.callbacks.model_checkpoint"
-    module = types.ModuleType(name)
-    callback = type("ModelCheckpoint", (), {"__module__": name})
-    module.ModelCheckpoint = callback
-    instance = callback()
-    instance.best_model_score = torch.tensor(0.5)
-    parents = ["pytorch_lightning", "pytorch_lightning.callbacks"]
-    for parent in parents:  # pickle imports the package chain; only while pickling
-        sys.modules[parent] = types.ModuleType(parent)
-    sys.modules[name] = module
-    return {
-        "epoch": 3,
-        "global_step": 1000,
-        "pytorch-lightning_version": "1.0.8",
-        "state_dict": state_dict,
-        "callbacks": {callback: {"best_model_score": torch.tensor(0.5)}},
-        "hparams": instance,
-        "optimizer_states": [],
-    }, [name, *parents]
-
-
-def write_taming(directory, *, seed=0, sd_edit=None, yaml_edit=None):
-    """(model, ckpt path, yaml path) of a random taming VQGAN saved like a released folder."""
-    model = tt.randomize(tt.TamingVQModel(**TAMING), seed)
-    sd = model.state_dict()
-    if sd_edit:
-        sd_edit(sd)
-    ckpt, fake_modules = _lightning_checkpoint(sd)
-    path = os.path.join(directory, "last.ckpt")
-    try:
-        torch.save(ckpt, path)
-    finally:
-        for name in fake_modules:
-            del sys.modules[name]
-    yaml_path = os.path.join(directory, "model.yaml")
-    fields = {**TAMING, **(yaml_edit or {})}
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-    with open(yaml_path, "w") as f:
-        f.write(YAML.format(**fields))
-    return model, path, yaml_path
-
-
-def write_llamagen(directory, *, seed=1):
-    model = tt.LlamaGenVQModel(
-        ch=LLAMAGEN.ch,
-        ch_mult=LLAMAGEN.ch_mult,
-        num_res_blocks=LLAMAGEN.num_res_blocks,
-        z_channels=LLAMAGEN.z_channels,
-        codebook_size=LLAMAGEN_CODES[0],
-        embed_dim=LLAMAGEN_CODES[1],
-    )
-    model = tt.randomize(model, seed)
-    path = os.path.join(directory, "vq_ds4_test.pt")
-    torch.save({"model": model.state_dict()}, path)
-    return model, path
+LLAMAGEN = convert.LlamaGenModel(**tt.LLAMAGEN)
 
 
 def base_config():
@@ -135,7 +38,7 @@ def base_config():
 def taming_run(tmp_path_factory):
     """A taming checkpoint converted by the script, as a user runs it."""
     d = tmp_path_factory.mktemp("taming")
-    model, ckpt, yaml_path = write_taming(str(d))
+    model, ckpt, yaml_path = tt.write_taming(str(d))
     workdir = str(d / "workdir")
     proc = run_script(
         "scripts/convert_checkpoint.py",
@@ -145,14 +48,14 @@ def taming_run(tmp_path_factory):
         f"--workdir={workdir}",
         "--base=configs/vqvae.py:tiny",
     )
-    assert "attention at levels (0,)" in proc.stdout, proc.stdout
+    assert "attention at levels (1,)" in proc.stdout, proc.stdout
     return model, ckpt, yaml_path, workdir
 
 
 @pytest.fixture(scope="module")
 def llamagen_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("llamagen")
-    model, path = write_llamagen(str(d))
+    model, path = tt.write_llamagen(str(d))
     workdir = str(d / "workdir")
     convert.convert("llamagen", path, workdir, base_config=base_config(), model=LLAMAGEN)
     return model, path, workdir
@@ -184,7 +87,7 @@ def test_taming_checkpoint_needs_the_stub_unpickler(taming_run):
 def test_taming_parity(taming_run):
     model, _, _, workdir = taming_run
     tok, images = assert_parity(model, workdir, 32)
-    assert tok.config.model.attn_levels == [0] and tok.config.quantizer.l2_normalize is False
+    assert tok.config.model.attn_levels == [1] and tok.config.quantizer.l2_normalize is False
     recon = tok.reconstruct(images)
     assert recon.shape == images.shape and recon.dtype == np.uint8
 
@@ -193,7 +96,7 @@ def test_llamagen_parity(llamagen_run):
     model, _, workdir = llamagen_run
     tok, _ = assert_parity(model, workdir, 16, seed=1)
     assert tok.config.model.attn_levels == [1] and tok.config.quantizer.l2_normalize is True
-    assert tok.codebook_size == LLAMAGEN_CODES[0]
+    assert tok.codebook_size == tt.LLAMAGEN_CODES[0]
 
 
 def test_sample_py_reconstructs_a_converted_workdir(taming_run, tmp_path):
@@ -214,7 +117,7 @@ def test_converted_workdir_serves_a_prior(llamagen_run, tmp_path):
     assert np.isfinite(result["loss"])  # eval: held-out loss, then samples decoded by it
     assert os.path.exists(tmp_path / "prior" / "eval" / "samples_step_2.png")
     p = vq_jax.load_prior(str(tmp_path / "prior"))
-    assert p.tokenizer.codebook_size == LLAMAGEN_CODES[0]
+    assert p.tokenizer.codebook_size == tt.LLAMAGEN_CODES[0]
     assert p.comps.token_shape == (8, 8)
 
 
@@ -232,7 +135,7 @@ def test_finetune_starts_from_the_converted_generator(taming_run, tmp_path):
     workdir = str(tmp_path / "ft")
     trainer.train(config, workdir)
     cfg, _, params, _, step = api.restore_params(workdir, use_ema=False)
-    assert step == 2 and cfg.model.attn_levels == [0] and cfg.model.ch == 32
+    assert step == 2 and cfg.model.attn_levels == [1] and cfg.model.ch == 32
     assert cfg.input.resolution == 16 and cfg.quantizer.kind == "vq"
     np.testing.assert_equal(jax_tree(params), jax_tree(vq_jax.load(source).params))
 
@@ -280,20 +183,20 @@ def test_unknown_missing_and_misshapen_keys_are_named(tmp_path):
     def missing(sd):
         del sd["encoder.down.1.block.0.nin_shortcut.weight"]
 
-    _, ckpt, yaml_path = write_taming(str(tmp_path), sd_edit=extra)
+    _, ckpt, yaml_path = tt.write_taming(str(tmp_path), sd_edit=extra)
     msg = _error(tmp_path, "taming", ckpt, yaml_path=yaml_path)
     assert "unknown key 'encoder.down.0.block.0.temb_proj.weight'" in msg
-    _, ckpt, yaml_path = write_taming(str(tmp_path), sd_edit=missing)
+    _, ckpt, yaml_path = tt.write_taming(str(tmp_path), sd_edit=missing)
     msg = _error(tmp_path, "taming", ckpt, yaml_path=yaml_path)
     assert "lacks key 'encoder.down.1.block.0.nin_shortcut.weight'" in msg
     assert "(expected shape (64, 32, 1, 1))" in msg
-    _, ckpt, yaml_path = write_taming(str(tmp_path), yaml_edit={"n_embed": 64})
+    _, ckpt, yaml_path = tt.write_taming(str(tmp_path), yaml_edit={"n_embed": 64})
     msg = _error(tmp_path, "taming", ckpt, yaml_path=yaml_path)
     assert "'quantize.embedding.weight'" in msg and "(128, 16), expected (64, 16)" in msg
     # an architecture that does not match the weights: one more res block per level
-    _, ckpt, yaml_path = write_taming(str(tmp_path), yaml_edit={"num_res_blocks": 2})
+    _, ckpt, yaml_path = tt.write_taming(str(tmp_path), yaml_edit={"num_res_blocks": 2})
     msg = _error(tmp_path, "taming", ckpt, yaml_path=yaml_path)
-    assert "lacks key 'decoder.up.0.attn.2.k.bias' (expected shape (32,))" in msg
+    assert "lacks key 'decoder.up.0.block.2.conv1.bias' (expected shape (32,))" in msg
 
 
 def test_wrong_source_is_named(taming_run, llamagen_run, tmp_path):

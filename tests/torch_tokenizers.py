@@ -8,10 +8,21 @@ exactly the source's key names and tensor layouts (nin_shortcut only where the c
 changes, taming's decoder `up` list indexed by level and run in reverse, LlamaGen's decoder
 `conv_blocks` in execution order, attention lists per level, LlamaGen's `codebook_used`
 buffer, taming's `loss.*` weights); the forward passes follow the sources' arithmetic.
-`randomize` gives every tensor random values (GroupNorm scales and biases included).
+`randomize` gives every tensor random values (GroupNorm scales and biases included);
+`write_taming` / `write_llamagen` save such a model as the source releases it.
+
+Run as a script it writes the parity test's random taming model (last.ckpt + model.yaml), the
+stand-in for a real checkpoint in the README's fine-tuning example:
+
+    python tests/torch_tokenizers.py --out=/tmp/random_taming
 """
 
 from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -310,3 +321,110 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             elif isinstance(m, nn.Embedding):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
     return model.eval()
+
+
+# ------------------------------------------------------------------ the sources' file formats
+
+TAMING = dict(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(16,),  # level 1 of 2 at resolution 32: the up list's last, run first
+    resolution=32,
+    in_channels=3,
+    z_channels=32,
+    n_embed=128,
+    embed_dim=16,
+)
+LLAMAGEN = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, resolution=16)
+LLAMAGEN_CODES = (64, 8)
+
+YAML = """model:
+  base_learning_rate: 4.5e-06
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: {embed_dim}
+    n_embed: {n_embed}
+    ddconfig:
+      double_z: false
+      z_channels: {z_channels}
+      resolution: {resolution}
+      in_channels: {in_channels}
+      out_ch: {in_channels}
+      ch: {ch}
+      ch_mult: {ch_mult}
+      num_res_blocks: {num_res_blocks}
+      attn_resolutions: {attn_resolutions}
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params: {{disc_start: 250001}}
+"""
+
+
+def _lightning_checkpoint(state_dict):
+    """A dict shaped like a PyTorch Lightning .ckpt; its pickle names
+    pytorch_lightning.callbacks.ModelCheckpoint, which this environment cannot import."""
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    module = types.ModuleType(name)
+    callback = type("ModelCheckpoint", (), {"__module__": name})
+    module.ModelCheckpoint = callback
+    instance = callback()
+    instance.best_model_score = torch.tensor(0.5)
+    parents = ["pytorch_lightning", "pytorch_lightning.callbacks"]
+    for parent in parents:  # pickle imports the package chain; only while pickling
+        sys.modules[parent] = types.ModuleType(parent)
+    sys.modules[name] = module
+    return {
+        "epoch": 3,
+        "global_step": 1000,
+        "pytorch-lightning_version": "1.0.8",
+        "state_dict": state_dict,
+        "callbacks": {callback: {"best_model_score": torch.tensor(0.5)}},
+        "hparams": instance,
+        "optimizer_states": [],
+    }, [name, *parents]
+
+
+def write_taming(directory, *, seed=0, sd_edit=None, yaml_edit=None):
+    """(model, ckpt path, yaml path) of a random taming VQGAN saved like a released folder."""
+    model = randomize(TamingVQModel(**TAMING), seed)
+    sd = model.state_dict()
+    if sd_edit:
+        sd_edit(sd)
+    ckpt, fake_modules = _lightning_checkpoint(sd)
+    path = os.path.join(directory, "last.ckpt")
+    try:
+        torch.save(ckpt, path)
+    finally:
+        for name in fake_modules:
+            del sys.modules[name]
+    yaml_path = os.path.join(directory, "model.yaml")
+    fields = {**TAMING, **(yaml_edit or {})}
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    with open(yaml_path, "w") as f:
+        f.write(YAML.format(**fields))
+    return model, path, yaml_path
+
+
+def write_llamagen(directory, *, seed=1):
+    arch = {k: v for k, v in LLAMAGEN.items() if k != "resolution"}
+    model = LlamaGenVQModel(**arch, codebook_size=LLAMAGEN_CODES[0], embed_dim=LLAMAGEN_CODES[1])
+    model = randomize(model, seed)
+    path = os.path.join(directory, "vq_ds4_test.pt")
+    torch.save({"model": model.state_dict()}, path)
+    return model, path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the parity test's random taming model.")
+    parser.add_argument("--out", required=True, help="directory for last.ckpt and model.yaml")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    _, ckpt, yaml_path = write_taming(args.out, seed=args.seed)
+    print(f"wrote {ckpt} and {yaml_path} (random weights, not a trained model)")
+
+
+if __name__ == "__main__":
+    main()
