@@ -14,9 +14,11 @@ ImageNet recipe), overridable like train.py's config: --base.input.dataset=folde
 Needs torch to read the files (pip install -e '.[torch]'); pytorch_lightning is not needed.
 """
 
+import importlib.util
 import os
 import sys
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,10 +34,32 @@ _YAML = flags.DEFINE_string("config", None, "taming: the model.yaml released wit
 _MODEL = flags.DEFINE_string("model", None, "llamagen: VQ-16 or VQ-8.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The vq-jax workdir to write (new or empty).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype of the converted model.")
+_LPIPS_OUT = flags.DEFINE_string(
+    "lpips_out", None, "taming: also write the LPIPS weights in its loss keys to this .npz."
+)
 _BASE = config_flags.DEFINE_config_file(
     "base", os.path.join(ROOT, "configs/vqvae.py"), "Config for everything but the generator."
 )
 flags.mark_flags_as_required(["source", "checkpoint", "workdir"])
+
+
+def write_lpips(checkpoint: str, out: str) -> str:
+    """The LPIPS (VGG16 + heads) weights of a taming checkpoint's loss, as convert_lpips.py
+    writes them (for config.loss.lpips_weights); returns the .npz path."""
+    spec = importlib.util.spec_from_file_location(
+        "convert_lpips", os.path.join(ROOT, "scripts", "convert_lpips.py")
+    )
+    convert_lpips = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_lpips)
+    try:
+        flat = convert_lpips.from_taming_checkpoint(checkpoint)
+    except convert.ConversionError:
+        raise
+    except ValueError as e:
+        raise convert.ConversionError(f"{checkpoint!r}: {e}") from e
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(out, **flat)
+    return out if out.endswith(".npz") else out + ".npz"
 
 
 def main(argv: list[str]) -> None:
@@ -44,6 +68,10 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
+        if _LPIPS_OUT.value and _SOURCE.value != "taming":
+            raise convert.ConversionError(
+                "--lpips_out needs --source=taming: LlamaGen's .pt files hold no LPIPS weights."
+            )
         config = convert.convert(
             _SOURCE.value,
             _CHECKPOINT.value,
@@ -53,6 +81,7 @@ def main(argv: list[str]) -> None:
             model=_MODEL.value,
             dtype=_DTYPE.value,
         )
+        lpips_path = _LPIPS_OUT.value and write_lpips(_CHECKPOINT.value, _LPIPS_OUT.value)
     except convert.ConversionError as e:
         sys.exit(f"convert_checkpoint.py: {e}")
     m, q = config.model, config.quantizer
@@ -63,6 +92,8 @@ def main(argv: list[str]) -> None:
         f"{' (l2-normalised)' if q.l2_normalize else ''}, {config.input.resolution}x"
         f"{config.input.resolution}x{config.input.channels} images, compute {m.dtype}"
     )
+    if lpips_path:
+        print(f"wrote {lpips_path}: the LPIPS weights of its loss (for config.loss.lpips_weights)")
 
 
 if __name__ == "__main__":

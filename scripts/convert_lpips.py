@@ -91,6 +91,15 @@ def convert_state_dicts(
     return flat
 
 
+def from_taming_checkpoint(checkpoint: str) -> dict[str, np.ndarray]:
+    """The flat LPIPS params inside a taming VQGAN last.ckpt's loss keys
+    (loss.perceptual_loss.net.sliceK.N.*, loss.perceptual_loss.linK.model.1.weight)."""
+    from vq_jax.convert import taming
+
+    sd = taming.lpips_state_dict(taming.state_dict(checkpoint))
+    return convert_state_dicts(sd, sd)
+
+
 def default_lpips_heads() -> str | None:
     """weights/v0.1/vgg.pth inside the installed lpips package (found without importing it)."""
     spec = importlib.util.find_spec("lpips")

@@ -253,3 +253,42 @@ def test_torch_is_imported_by_the_converter_only():
                     if any(m == "torch" or m.startswith("torch.") for m in mods):
                         importers.append((os.path.relpath(path, root), node.col_offset > 0))
     assert importers and all(p.startswith("convert/") and nested for p, nested in importers)
+
+
+def test_lpips_weights_in_the_taming_loss_become_an_npz(tmp_path):
+    """--lpips_out: the loss.perceptual_loss.* keys (taming's LPIPS: net.sliceK.N, linK.model.1)
+    become, through scripts/convert_lpips.py, the .npz config.loss.lpips_weights reads."""
+    import importlib.util
+
+    from vq_jax.nets.lpips import load_lpips_params, lpips_param_shapes, vgg16_conv_names
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "scripts", "convert_lpips.py")
+    spec = importlib.util.spec_from_file_location("convert_lpips", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    shapes = lpips_param_shapes()
+    sd, want = {}, {}
+    indices = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision features indices
+    for idx, name in zip(indices, vgg16_conv_names(), strict=True):
+        kh, kw, i, o = shapes[f"vgg/{name}/kernel"]
+        w = rng.standard_normal((o, i, kh, kw)).astype(np.float32)
+        sd[f"loss.perceptual_loss.net.slice{1 + idx // 5}.{idx}.weight"] = torch.from_numpy(w)
+        sd[f"loss.perceptual_loss.net.slice{1 + idx // 5}.{idx}.bias"] = torch.zeros(o)
+        want[f"vgg/{name}/kernel"] = w.transpose(2, 3, 1, 0)
+    for k in range(5):
+        c = shapes[f"lin{k}/kernel"][2]
+        sd[f"loss.perceptual_loss.lin{k}.model.1.weight"] = torch.rand(1, c, 1, 1)
+    sd["encoder.conv_in.weight"] = torch.zeros(1)  # generator keys are left alone
+    torch.save({"state_dict": sd}, tmp_path / "last.ckpt")
+    out = str(tmp_path / "lpips.npz")
+    np.savez(out, **script.from_taming_checkpoint(str(tmp_path / "last.ckpt")))
+    load_lpips_params(out)  # validates every array's name and shape
+    with np.load(out) as f:
+        assert len(f.files) == len(shapes)
+        for key, value in want.items():
+            np.testing.assert_array_equal(f[key], value)
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}}, tmp_path / "b.ckpt")
+    with pytest.raises(convert.ConversionError, match=r"no loss\.perceptual_loss"):
+        script.from_taming_checkpoint(str(tmp_path / "b.ckpt"))

@@ -141,6 +141,21 @@ def torch_key(path: tuple[str, ...]) -> str:
     return ".".join([*parts, leaf_name(leaf)])
 
 
+LPIPS_PREFIX = "loss.perceptual_loss."
+
+
+def lpips_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """The LPIPS weights inside the loss keys, named as the lpips model names them
+    (`net.sliceK.N.weight`, `linK.model.1.weight`): what scripts/convert_lpips.py reads."""
+    found = {k[len(LPIPS_PREFIX) :]: v for k, v in sd.items() if k.startswith(LPIPS_PREFIX)}
+    if not found:
+        raise ConversionError(
+            f"the taming checkpoint has no {LPIPS_PREFIX}* keys (LPIPS weights); drop "
+            "--lpips_out, or make the file with scripts/convert_lpips.py from VGG16 weights."
+        )
+    return found
+
+
 def ignored(key: str) -> bool:
     """Keys that are not generator weights: the loss (LPIPS, discriminator)."""
     return key.startswith("loss.")
