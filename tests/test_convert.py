@@ -19,7 +19,7 @@ from subproc import run_script
 
 import vq_jax
 from configs import prior, vqgan, vqvae
-from vq_jax import api, convert, trainer
+from vq_jax import api, convert, finetune, trainer
 
 torch = pytest.importorskip("torch")
 import torch_tokenizers as tt  # noqa: E402  (needs torch)
@@ -156,6 +156,11 @@ def test_finetune_config_errors(taming_run, tmp_path):
     config.train.init_from = str(tmp_path)
     with pytest.raises(ValueError, match="holds no checkpoint"):
         trainer.train(config, str(tmp_path / "ft2"))
+    # a run that has checkpoints resumes with its saved architecture, the source may be gone
+    config.train.init_from = str(tmp_path / "moved_away")
+    resumed = finetune.with_source_generator(config, taming_run[3])
+    assert resumed.model.ch == 32 and tuple(resumed.model.attn_levels) == (1,)
+    assert resumed.model.dtype == config.model.dtype
 
 
 # ------------------------------------------------------------------------------ bad input

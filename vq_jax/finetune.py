@@ -56,7 +56,10 @@ def with_source_generator(config: mlc.ConfigDict, workdir: str) -> mlc.ConfigDic
             f"config.train.init_from={source!r} is this run's own workdir; to continue a run, "
             "drop init_from (a restart resumes), or pass a new --workdir to fine-tune."
         )
-    saved = _source_config(source)
+    # A fine-tuning run that has checkpoints resumes with the architecture it saved, so it does
+    # not need the source any more (which may have moved since).
+    own = os.path.join(workdir, "checkpoints")
+    saved = _source_config(workdir if checkpoints.newest_step_dir(own) is not None else source)
     if "prior" in saved or "model" not in saved:
         raise ValueError(
             f"config.train.init_from={source!r} is not a tokenizer workdir; point it at one "
