@@ -34,6 +34,9 @@ _YAML = flags.DEFINE_string("config", None, "taming: the model.yaml released wit
 _MODEL = flags.DEFINE_string("model", None, "llamagen: VQ-16 or VQ-8.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The vq-jax workdir to write (new or empty).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype of the converted model.")
+_RESOLUTION = flags.DEFINE_integer(
+    "resolution", 0, "Image size of the workdir (0: the source's, 256 for LlamaGen)."
+)
 _LPIPS_OUT = flags.DEFINE_string(
     "lpips_out", None, "taming: also write the LPIPS weights in its loss keys to this .npz."
 )
@@ -80,6 +83,7 @@ def main(argv: list[str]) -> None:
             yaml_path=_YAML.value,
             model=_MODEL.value,
             dtype=_DTYPE.value,
+            resolution=_RESOLUTION.value,
         )
         lpips_path = _LPIPS_OUT.value and write_lpips(_CHECKPOINT.value, _LPIPS_OUT.value)
     except convert.ConversionError as e:

@@ -297,3 +297,13 @@ def test_lpips_weights_in_the_taming_loss_become_an_npz(tmp_path):
     torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}}, tmp_path / "b.ckpt")
     with pytest.raises(convert.ConversionError, match=r"no loss\.perceptual_loss"):
         script.from_taming_checkpoint(str(tmp_path / "b.ckpt"))
+
+
+def test_resolution_flag_sets_the_workdir_image_size(llamagen_run, tmp_path):
+    """Attention is by level, so the converted blocks are the same at another image size."""
+    _, path, workdir = llamagen_run
+    convert.convert("llamagen", path, str(tmp_path / "w"), base_config=base_config(),
+                    model=LLAMAGEN, resolution=32)  # fmt: skip
+    tok32, tok16 = vq_jax.load(str(tmp_path / "w")), vq_jax.load(workdir)
+    assert tok32.token_shape == (16, 16) and tok16.token_shape == (8, 8)
+    np.testing.assert_equal(jax_tree(tok32.params), jax_tree(tok16.params))

@@ -7,6 +7,7 @@ like any other; nothing after this module knows where the weights came from.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -113,18 +114,23 @@ def convert(
     yaml_path: str | None = None,
     model: Any = None,
     dtype: str = "float32",
+    resolution: int = 0,
 ) -> mlc.ConfigDict:
     """Converts a taming (`yaml_path`) or LlamaGen (`model`: 'VQ-16', 'VQ-8' or a
     `llamagen.LlamaGenModel`) checkpoint into a workdir; returns the config written.
 
     `base_config` gives everything that is not the generator's shape (data, losses, optimizer,
-    seed), e.g. `configs/vqvae.py`'s default; `dtype` is the compute dtype (float32: exact).
+    seed), e.g. `configs/vqvae.py`'s default; `dtype` is the compute dtype (float32: exact);
+    `resolution` > 0 replaces the source's image size (e.g. 384 for LlamaGen's VQ-16 at 24x24
+    tokens; attention is placed by level, so the same blocks run).
     """
     if dtype not in state_lib.DTYPES:
         raise ConversionError(f"--dtype={dtype!r} is unknown; use one of {list(state_lib.DTYPES)}.")
     arch, sd, key_fn, ignored, hint = read_source(
         source, checkpoint, yaml_path=yaml_path, model=model
     )
+    if resolution:
+        arch = dataclasses.replace(arch, resolution=resolution)
     config = configure(base_config, arch, dtype)
     comps = state_lib.build(config)
     abstract = jax.eval_shape(
