@@ -307,3 +307,19 @@ def test_resolution_flag_sets_the_workdir_image_size(llamagen_run, tmp_path):
     tok32, tok16 = vq_jax.load(str(tmp_path / "w")), vq_jax.load(workdir)
     assert tok32.token_shape == (16, 16) and tok16.token_shape == (8, 8)
     np.testing.assert_equal(jax_tree(tok32.params), jax_tree(tok16.params))
+
+
+def test_nothing_in_the_file_runs(tmp_path):
+    """A pickle that would call exec() on load gets an inert stub instead of exec."""
+    from vq_jax.convert.torch_file import Stub, load_torch_file
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    torch.save({"state_dict": {"w": torch.ones(2)}, "evil": Evil()}, tmp_path / "e.ckpt")
+    obj = load_torch_file(str(tmp_path / "e.ckpt"), "--checkpoint")
+    assert not marker.exists() and isinstance(obj["evil"], Stub)
+    np.testing.assert_array_equal(obj["state_dict"]["w"].numpy(), [1.0, 1.0])

@@ -364,13 +364,16 @@ YAML = """model:
 
 def _lightning_checkpoint(state_dict):
     """A dict shaped like a PyTorch Lightning .ckpt; its pickle names
-    pytorch_lightning.callbacks.ModelCheckpoint, which this environment cannot import."""
+    pytorch_lightning.callbacks.ModelCheckpoint (a class, an instance) and a dict subclass
+    (Lightning's AttributeDict), which this environment cannot import."""
     name = "pytorch_lightning.callbacks.model_checkpoint"
     module = types.ModuleType(name)
     callback = type("ModelCheckpoint", (), {"__module__": name})
     module.ModelCheckpoint = callback
     instance = callback()
     instance.best_model_score = torch.tensor(0.5)
+    attribute_dict = type("AttributeDict", (dict,), {"__module__": name})
+    module.AttributeDict = attribute_dict
     parents = ["pytorch_lightning", "pytorch_lightning.callbacks"]
     for parent in parents:  # pickle imports the package chain; only while pickling
         sys.modules[parent] = types.ModuleType(parent)
@@ -382,6 +385,7 @@ def _lightning_checkpoint(state_dict):
         "state_dict": state_dict,
         "callbacks": {callback: {"best_model_score": torch.tensor(0.5)}},
         "hparams": instance,
+        "hyper_parameters": attribute_dict(embed_dim=16, ckpt_path=None),
         "optimizer_states": [],
     }, [name, *parents]
 

@@ -32,13 +32,22 @@ _EXTRA_ALLOWED = {
 
 class Stub:
     """Stands in for a class the file names but this process must not import: accepts any
-    construction and state, and does nothing."""
+    construction, state and (for dict / list subclasses) items, and does nothing with them."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # not called by NEWOBJ
         self._args, self._kwargs = args, kwargs
 
     def __setstate__(self, state: Any) -> None:
         self._state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__.setdefault("_items", {})[key] = value
+
+    def append(self, value: Any) -> None:
+        self.__dict__.setdefault("_list", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__.setdefault("_list", []).extend(values)
 
 
 def _torch():
@@ -60,9 +69,9 @@ def _make_pickle_module() -> types.ModuleType:
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            if f"{module}.{name}" in allowed:
+            if f"{module}.{name}" in allowed:  # tensors, storages, dtypes, OrderedDict
                 return allowed[f"{module}.{name}"]
-            if (module, name) in _EXTRA_ALLOWED or module.startswith("torch._utils"):
+            if (module, name) in _EXTRA_ALLOWED:
                 return super().find_class(module, name)
             if (module, name) not in stubs:
                 stubs[module, name] = type(name, (Stub,), {"__module__": module})
