@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             ch_mult=(1, 1, 2, 2, 4),
             num_res_blocks=2,
             attn_resolutions=(16,),
+            attn_levels=(),  # non-empty: attention after the res blocks of these ch_mult levels
+            # at any input size (attn_resolutions unused); converted checkpoints set it
             z_channels=256,
             dropout=0.0,
             num_groups=32,
@@ -112,6 +114,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             num_sample_images=16,
             checkpoint_fallback=True,  # a damaged newest checkpoint -> resume from the previous
             allow_config_change=False,  # resume a workdir whose model config differs
+            # a tokenizer workdir (a converted one too) whose generator weights start a new run;
+            # its model / quantizer config replaces this one's; discriminator and optimizer start
+            # fresh. Unlike resume, only the generator is taken. Ignored once W has a checkpoint.
+            init_from="",
             skip_nonfinite_steps=False,  # skip (and count) NaN/Inf steps instead of stopping
             debug_nan_step=-1,  # tests only: poison the batch of this step with NaN
         )

@@ -101,6 +101,15 @@ def convert_state_dicts(
     return flat
 
 
+def from_taming_checkpoint(checkpoint: str) -> dict[str, np.ndarray]:
+    """The flat LPIPS params inside a taming VQGAN last.ckpt's loss keys
+    (loss.perceptual_loss.net.sliceK.N.*, loss.perceptual_loss.linK.model.1.weight)."""
+    from vq_jax.convert import taming
+
+    sd = taming.lpips_state_dict(taming.state_dict(checkpoint))
+    return convert_state_dicts(sd, sd)
+
+
 _CKPT_CONV = re.compile(r"^VGG16_0/Conv_(\d+)/(kernel|bias)$")
 _CKPT_HEAD = re.compile(r"^NetLinLayer_(\d+)/Conv_0/kernel$")
 

@@ -272,3 +272,28 @@ def test_encoder_rejects_bad_num_groups():
     dec = Decoder(12, 3, (1, 2), 1, (), 0.0, 8)
     with pytest.raises(ValueError, match="num_groups=8"):
         jax.eval_shape(dec.init, jax.random.key(0), jnp.zeros((1, 4, 4, 4)))
+
+
+def _attn_names(module, size):
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 8)))
+    return sorted(k for k in shapes["params"] if "attn" in k and not k.startswith("mid"))
+
+
+def test_attn_levels_place_attention_by_level_at_any_size():
+    """attn_levels (converted taming / LlamaGen models) puts attention after every res block of
+    those levels whatever the input size; attn_resolutions follows the feature-map height."""
+    kw = dict(ch=8, ch_mult=(1, 2, 2), num_res_blocks=2, num_groups=4, z_channels=8)
+    by_level = Encoder(**kw, attn_resolutions=(99,), attn_levels=(1,))
+    want = ["down_1_attn_0", "down_1_attn_1"]
+    assert _attn_names(by_level, 16) == _attn_names(by_level, 32) == want
+    by_res = Encoder(**kw, attn_resolutions=(8,))
+    assert _attn_names(by_res, 16) == want
+    assert _attn_names(by_res, 32) == ["down_2_attn_0", "down_2_attn_1"]
+    del kw["z_channels"]
+    dec = Decoder(**kw, out_channels=8, attn_resolutions=(), attn_levels=(0, 2))
+    names = _attn_names(dec, 4)
+    assert names == [f"up_{i}_attn_{j}" for i in (0, 2) for j in range(3)]
+    with pytest.raises(ValueError, match=r"attn_levels=\(3,\) holds \[3\]"):
+        _attn_names(Encoder(**kw, attn_levels=(3,)), 16)
+    with pytest.raises(ValueError, match=r"attn_levels=\(3,\) holds \[3\]"):
+        _attn_names(Decoder(**kw, attn_levels=(3,)), 4)

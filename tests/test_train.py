@@ -147,3 +147,13 @@ def test_config_differences_ignore_compute_only_entries():
     assert trainer.config_differences(saved, current) == []
     current["quantizer"]["codebook_size"] = 64
     assert trainer.config_differences(saved, current) == ["quantizer.codebook_size: 32 -> 64"]
+
+
+def test_config_differences_treat_added_keys_as_their_default():
+    """A workdir saved before model.attn_levels existed resumes under the current config,
+    whose attn_levels=() means what the old config meant; a real placement change does not."""
+    saved = {"model": {"ch": 8, "attn_resolutions": [8]}}
+    current = {"model": {"ch": 8, "attn_resolutions": [8], "attn_levels": []}}
+    assert trainer.config_differences(saved, current) == []
+    current["model"]["attn_levels"] = [1]
+    assert trainer.config_differences(saved, current) == ["model.attn_levels: [] -> [1]"]

@@ -97,6 +97,7 @@ def build_model(config: mlc.ConfigDict) -> VQModel:
         ch_mult=tuple(m.ch_mult),
         num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions),
+        attn_levels=tuple(m.get("attn_levels", ())),  # absent in older workdirs' configs
         z_channels=m.z_channels,
         in_channels=config.input.channels,
         dropout=m.dropout,

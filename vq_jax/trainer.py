@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import api, checkpoints, data, metrics, xla_options
+from vq_jax import api, checkpoints, data, finetune, metrics, xla_options
 from vq_jax import fid as fid_lib
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
@@ -40,6 +40,9 @@ class NonFiniteError(FloatingPointError):
 STATE_DEFINING = ("model", "quantizer", "discriminator", "input.resolution", "input.channels")
 # Entries inside those sections that choose how the same state is computed, not its shapes.
 COMPUTE_ONLY = ("model.conv_weight_grad",)
+# Entries added after workdirs were first written, with the value that means "as before": a
+# saved config without the key equals a current one holding this value.
+ADDED_DEFAULTS: dict[str, Any] = {"model.attn_levels": []}
 
 
 def _flatten(d: Any, prefix: str) -> dict[str, Any]:
@@ -59,6 +62,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     diffs = []
     for path in STATE_DEFINING:
         a, b = _flatten(_lookup(saved, path), path), _flatten(_lookup(current, path), path)
+        added = {k: v for k, v in ADDED_DEFAULTS.items() if k.startswith(path + ".")}
+        a, b = {**added, **a}, {**added, **b}
         diffs += [
             f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
             for k in sorted(a.keys() | b.keys())
@@ -278,12 +283,14 @@ class Task:
     step_fn:     the jitted train step (state, global batch, key) -> (state, measurements).
     train_iter:  per-process batches of numpy arrays, with get_state() / set_state().
     evaluate:    (state, step, writer) -> scalars; writes its own files (process 0 only).
+    warm_start:  a fresh run's initial state -> the state it starts from (fine-tuning), or None.
     """
 
     init_fn: Callable[[jax.Array], State]
     make_step: Callable[[Any], Callable]
     make_train_iter: Callable[[], Any]
     evaluate: Callable[[State, int, metrics.MetricWriter], dict[str, float]]
+    warm_start: Callable[[State], State] | None = None
 
 
 def save_json(path: str, obj: Any) -> None:
@@ -326,6 +333,8 @@ def run(
     restored = ckpt.restore_latest(abstract, fallback=tc.checkpoint_fallback)
     if restored is None:
         state = jax.jit(task.init_fn, out_shardings=repl)(key)
+        if task.warm_start is not None:
+            state = task.warm_start(state)
         data_state, start = None, 0
     else:
         start, state, data_state, _ = restored
@@ -335,7 +344,7 @@ def run(
             f.write(config.to_json_best_effort(indent=2))
 
     it = task.make_train_iter()
-    if data_state is not None:
+    if data_state:  # a converted workdir saves none: its first run starts the stream fresh
         it.set_state(data_state)
     train_step = task.make_step(abstract)
     all_finite = jax.jit(
@@ -567,7 +576,13 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         return result
 
     init_fn = functools.partial(state_lib.init_state, comps, ema=tc.ema_decay > 0)
-    return Task(init_fn, make_step, make_train_iter, evaluate)
+    source = finetune.init_from(config)
+    warm_start = None
+    if source:
+        warm_start = functools.partial(
+            finetune.warm_start, comps=comps, source=source, sharding=repl
+        )
+    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start)
 
 
 class TokenSource:
@@ -773,6 +788,7 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
 def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the model `config` describes (a tokenizer, or a prior when it has `prior`);
     resumes from the newest checkpoint in `workdir`."""
+    config = finetune.with_source_generator(config, workdir)  # fine-tuning: its architecture
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     make_task = prior_task if "prior" in config else tokenizer_task

@@ -12,6 +12,10 @@ always float32 and attention softmax, encoder output and decoder output are floa
 
 "Resolution" for ``attn_resolutions`` is the current feature-map height, read from the tensor
 shape, so one module works for any input size whose sides are divisible by the downsample factor.
+``attn_levels`` (indices into ``ch_mult``) places attention by level instead, so the same blocks
+run at every input size; taming-transformers and LlamaGen fix their attention that way (taming
+from the resolution in its config, LlamaGen at the lowest level), which is what converted
+checkpoints use.
 """
 
 from collections.abc import Sequence
@@ -43,6 +47,26 @@ def check_resolution(height: int, width: int, ch_mult: Sequence[int]) -> None:
             f"input resolution {height}x{width} is not divisible by the downsample factor {factor} "
             f"(ch_mult={tuple(ch_mult)} has {len(ch_mult)} levels); resize or crop the images to "
             f"a multiple of {factor}, or use fewer ch_mult levels."
+        )
+
+
+def has_attention(
+    level: int, height: int, attn_resolutions: Sequence[int], attn_levels: Sequence[int]
+) -> bool:
+    """Whether the res blocks of `level` (feature maps `height` high) are followed by attention:
+    by level when `attn_levels` is non-empty, else by the current resolution."""
+    if attn_levels:
+        return level in attn_levels
+    return height in attn_resolutions
+
+
+def check_attn_levels(attn_levels: Sequence[int], ch_mult: Sequence[int]) -> None:
+    """Raise ValueError if an attention level is not an index into ch_mult."""
+    bad = [lv for lv in attn_levels if not 0 <= lv < len(ch_mult)]
+    if bad:
+        raise ValueError(
+            f"attn_levels={tuple(attn_levels)} holds {bad}, not a level of ch_mult="
+            f"{tuple(ch_mult)}; use indices 0..{len(ch_mult) - 1} (0 = full resolution)."
         )
 
 
@@ -202,12 +226,14 @@ class Encoder(nn.Module):
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
+    attn_levels: Sequence[int] = ()  # non-empty: attention by level, attn_resolutions unused
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"Encoder expects NHWC images [B, H, W, C], got shape {x.shape}.")
         check_resolution(x.shape[1], x.shape[2], self.ch_mult)
+        check_attn_levels(self.attn_levels, self.ch_mult)
         for m in self.ch_mult:
             _check_groups(self.ch * m, self.num_groups, f"Encoder level with ch*{m}")
 
@@ -223,7 +249,7 @@ class Encoder(nn.Module):
                     self.conv_weight_grad,
                     name=f"down_{i}_block_{j}",
                 )(h, train)
-                if h.shape[1] in self.attn_resolutions:
+                if has_attention(i, h.shape[1], self.attn_resolutions, self.attn_levels):
                     h = AttnBlock(self.num_groups, self.dtype, name=f"down_{i}_attn_{j}")(h)
             if i != last:
                 h = Downsample(
@@ -254,12 +280,14 @@ class Decoder(nn.Module):
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
+    attn_levels: Sequence[int] = ()  # non-empty: attention by level, attn_resolutions unused
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
         if z.ndim != 4:
             raise ValueError(f"Decoder expects NHWC latents [B, h, w, C], got shape {z.shape}.")
         downsample_factor(self.ch_mult)  # validates ch_mult is non-empty
+        check_attn_levels(self.attn_levels, self.ch_mult)
         for m in self.ch_mult:
             _check_groups(self.ch * m, self.num_groups, f"Decoder level with ch*{m}")
 
@@ -277,7 +305,7 @@ class Decoder(nn.Module):
                     self.conv_weight_grad,
                     name=f"up_{i}_block_{j}",
                 )(h, train)
-                if h.shape[1] in self.attn_resolutions:
+                if has_attention(i, h.shape[1], self.attn_resolutions, self.attn_levels):
                     h = AttnBlock(self.num_groups, self.dtype, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
                 h = Upsample(

@@ -36,6 +36,7 @@ class VQModel(nn.Module):
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
+    attn_levels: Sequence[int] = ()  # non-empty: attention by level (see nets/autoencoder.py)
 
     def setup(self) -> None:
         embed_dim = self.quantizer.embed_dim
@@ -49,6 +50,7 @@ class VQModel(nn.Module):
             num_groups=self.num_groups,
             dtype=self.dtype,
             conv_weight_grad=self.conv_weight_grad,
+            attn_levels=self.attn_levels,
         )
         self.quant_conv = conv1x1(embed_dim, self.dtype, None, self.conv_weight_grad)
         self.post_quant_conv = conv1x1(self.z_channels, self.dtype, None, self.conv_weight_grad)
@@ -62,6 +64,7 @@ class VQModel(nn.Module):
             num_groups=self.num_groups,
             dtype=self.dtype,
             conv_weight_grad=self.conv_weight_grad,
+            attn_levels=self.attn_levels,
         )
 
     def _check_images(self, x: jax.Array) -> None:
