@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import vq_jax
-from vq_jax import api, metrics
+from vq_jax import api, errors, metrics
 
 MODES = ("reconstruct", "encode", "decode", "generate", "inpaint")
 PRIOR_MODES = ("generate", "inpaint")
@@ -173,5 +173,13 @@ def run_prior(mode: str, prior: api.Prior) -> None:
     )
 
 
+def main_reporting_errors(argv: list[str]) -> None:
+    """`main`, with user errors (bad workdir, tokens, labels, files) printed as one line."""
+    try:
+        main(argv)
+    except errors.UserError as e:
+        errors.exit_with("sample.py", e)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main_reporting_errors)

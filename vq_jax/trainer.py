@@ -25,12 +25,13 @@ import numpy as np
 from vq_jax import api, checkpoints, data, metrics, xla_options
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
+from vq_jax.errors import UserError
 from vq_jax.state import State
 
 DATA_AXIS = "data"
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """A loss or gradient became NaN/Inf."""
 
 
@@ -181,11 +182,11 @@ def make_preprocess(config: mlc.ConfigDict):
 def check_data(source: Any, preprocess_fn, config: mlc.ConfigDict) -> None:
     """Fails before compilation if the data cannot feed the model (shape, channels, emptiness)."""
     if len(source) == 0:
-        raise ValueError(f"The dataset {config.input.dataset!r} has no examples.")
+        raise UserError(f"The dataset {config.input.dataset!r} has no examples.")
     image = preprocess_fn(source[0]["image"])
     expected = (config.input.resolution, config.input.resolution, config.input.channels)
     if tuple(image.shape) != expected:
-        raise ValueError(
+        raise UserError(
             f"Preprocessed images have shape {tuple(image.shape)} but the model expects "
             f"{expected}; "
             "check config.input.resolution / channels / resize."
@@ -309,7 +310,7 @@ def run(
         diffs = config_differences(ckpt.read_config(), config_dict)
         if diffs:
             ckpt.close()
-            raise ValueError(
+            raise UserError(
                 f"{workdir} was created by a different model config ({'; '.join(diffs)}). Use "
                 "another --workdir, or pass --config.train.allow_config_change=True to resume "
                 "anyway."
@@ -606,7 +607,7 @@ def cached_tokens(
 def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Task:
     """The stage-2 task: a prior over the frozen tokenizer's token grids."""
     if not config.tokenizer_workdir:
-        raise ValueError(
+        raise UserError(
             "config.tokenizer_workdir is empty; point it at a trained tokenizer: "
             "--config.tokenizer_workdir=W (a workdir written by train.py with a tokenizer config)."
         )
@@ -620,7 +621,7 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
     train_tokens, train_labels = cached_tokens(tok, config, ic.train_split, cache, batch_sharding)
     eval_tokens, eval_labels = cached_tokens(tok, config, ic.eval_split, cache, batch_sharding)
     if pc.num_classes and train_labels.max() >= pc.num_classes:
-        raise ValueError(
+        raise UserError(
             f"the dataset has labels up to {train_labels.max()} but config.prior.num_classes="
             f"{pc.num_classes}; set it to {train_labels.max() + 1} (or 0 for unconditional)."
         )
