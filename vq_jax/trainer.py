@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import api, checkpoints, data, metrics, xla_options
+from vq_jax import api, checkpoints, data, metrics, workdir_lock, xla_options
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
 from vq_jax.errors import UserError
@@ -702,9 +702,14 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     make_task = prior_task if "prior" in config else tokenizer_task
-    newest = checkpoints.newest_step_dir(os.path.join(workdir, "checkpoints"))
-    preemption = Preemption(newest or 0)  # before the set-up, which can take long (token cache)
+    lock = workdir_lock.WorkdirLock(workdir, jax.process_index())
+    lock.acquire()  # one run per workdir, before anything reads or writes its checkpoints
     try:
-        return run(make_task(config, workdir, mesh), config, workdir, mesh, preemption)
+        newest = checkpoints.newest_step_dir(os.path.join(workdir, "checkpoints"))
+        preemption = Preemption(newest or 0)  # before the set-up, which can take long
+        try:
+            return run(make_task(config, workdir, mesh), config, workdir, mesh, preemption)
+        finally:
+            preemption.close()
     finally:
-        preemption.close()
+        lock.release()
