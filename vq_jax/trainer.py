@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import api, checkpoints, data, metrics, workdir_lock, xla_options
+from vq_jax import api, checkpoints, data, metrics, validate, workdir_lock, xla_options
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
 from vq_jax.errors import UserError
@@ -702,6 +702,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     make_task = prior_task if "prior" in config else tokenizer_task
+    validate.check(config)  # every out-of-range field at once, before data and compilation
     lock = workdir_lock.WorkdirLock(workdir, jax.process_index())
     lock.acquire()  # one run per workdir, before anything reads or writes its checkpoints
     try:
