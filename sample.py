@@ -68,6 +68,11 @@ def main(argv: list[str]) -> None:
     if mode == "decode":
         if not _TOKENS.value:
             raise app.UsageError("--mode=decode needs --tokens=FILE.npz")
+        if not os.path.isfile(_TOKENS.value):
+            raise errors.MissingFileError(
+                f"--tokens={_TOKENS.value}: no such file; write one with --mode=encode "
+                "(an .npz with an 'indices' or 'tokens' array)."
+            )
         with np.load(_TOKENS.value) as f:
             key = "indices" if "indices" in f else "tokens"
             if key not in f:
@@ -138,6 +143,9 @@ def run_prior(mode: str, prior: api.Prior) -> None:
     if _IMAGE.value:
         if not _MASK.value:
             raise app.UsageError("--image needs --mask=MASK.png (white = fill in)")
+        for flag, path in (("--image", _IMAGE.value), ("--mask", _MASK.value)):
+            if not os.path.isfile(path):
+                raise errors.MissingFileError(f"{flag}={path}: no such file.")
         originals = read_png(_IMAGE.value, tok.image_shape)[None]
         mask = read_png(_MASK.value, (h, w, 1))[None, ..., 0] > 127
         labels = None if _CLASS.value is None else np.array([_CLASS.value])

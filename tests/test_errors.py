@@ -3,7 +3,7 @@
 import pytest
 from subproc import run_script, train_args
 
-from vq_jax import checkpoints, errors, trainer
+from vq_jax import checkpoints, distributed, errors, trainer
 
 
 def test_user_error_keeps_the_builtin_types():
@@ -14,6 +14,7 @@ def test_user_error_keeps_the_builtin_types():
     assert issubclass(checkpoints.CheckpointError, errors.UserError)
     assert issubclass(trainer.NonFiniteError, errors.UserError)
     assert issubclass(trainer.NonFiniteError, FloatingPointError)
+    assert issubclass(distributed.DistributedConfigError, errors.UserError)
 
 
 def test_exit_with_prints_one_line(capsys):

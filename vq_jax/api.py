@@ -53,6 +53,11 @@ def restore_state(
                 f"{ckpt_dir} holds no complete checkpoint; train (or let training reach "
                 "train.checkpoint_every) first."
             )
+        if step is not None and step not in ckpt.steps():
+            raise UserError(
+                f"step={step}: {ckpt_dir} has no checkpoint at that step; valid: one of "
+                f"{ckpt.steps()}, or leave it unset (--step) for the newest."
+            )
         config = config_from_dict(ckpt.read_config(step))
         init_fn = make_init(config)
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -79,6 +84,12 @@ def restore_params(
     built = {}
 
     def make_init(config):
+        if "prior" in config:
+            raise UserError(
+                f"{workdir} holds a prior, not a tokenizer; load it with vq_jax.load_prior "
+                f"(sample.py --prior_workdir={workdir}), or pass the tokenizer's workdir "
+                f"(config.tokenizer_workdir={config.tokenizer_workdir!r})."
+            )
         built["comps"] = comps = state_lib.build(config)
         return functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
 
@@ -355,6 +366,12 @@ def load_prior(prior_workdir: str, step: int | None = None) -> Prior:
     built = {}
 
     def make_init(config):
+        if "prior" not in config:
+            raise UserError(
+                f"{prior_workdir} holds a tokenizer, not a prior; load it with vq_jax.load "
+                f"(sample.py --workdir={prior_workdir}), or train a prior on it with "
+                f"configs/prior.py --config.tokenizer_workdir={prior_workdir}."
+            )
         tok = load(config.tokenizer_workdir)
         built["tok"] = tok
         built["comps"] = comps = state_lib.build_prior(config, tok.token_shape, tok.codebook_size)
