@@ -22,11 +22,13 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import api, checkpoints, data, metrics, validate, workdir_lock, xla_options
+from vq_jax import api, checkpoints, data, metrics, xla_options
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
 from vq_jax.errors import UserError
 from vq_jax.state import State
+from vq_jax.validate import check as check_config
+from vq_jax.workdir_lock import WorkdirLock
 
 DATA_AXIS = "data"
 
@@ -702,8 +704,8 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     make_task = prior_task if "prior" in config else tokenizer_task
-    validate.check(config)  # every out-of-range field at once, before data and compilation
-    lock = workdir_lock.WorkdirLock(workdir, jax.process_index())
+    check_config(config)  # every out-of-range field at once, before data and compilation
+    lock = WorkdirLock(workdir, jax.process_index())
     lock.acquire()  # one run per workdir, before anything reads or writes its checkpoints
     try:
         newest = checkpoints.newest_step_dir(os.path.join(workdir, "checkpoints"))
