@@ -45,3 +45,22 @@ def test_sample_py_reports_a_missing_workdir_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("sample.py: No checkpoints in") and "train.py" in last, last
+
+
+def test_sample_py_inpainting_box_must_lie_inside_the_image():
+    """A box outside the image masked nothing (silently); a non-integer one was a traceback."""
+    code = (
+        "import sample\n"
+        "from vq_jax import errors\n"
+        "assert sample.parse_box(['0', '0', '8', '16'], 16, 16) == (0, 0, 8, 16)\n"
+        "for box in (['8', '8', '40', '40'], ['4', '4', '4', '8'], ['a', '0', '1', '1']):\n"
+        "    try:\n"
+        "        sample.parse_box(box, 16, 16)\n"
+        "    except errors.UserError as e:\n"
+        "        print(e)\n"
+    )
+    proc = run_script("-c", code)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("--box=8,8,40,40 is not a box inside the 16x16 images; valid: ")
+    assert lines[1].startswith("--box=4,4,4,8 is not a box inside")
+    assert lines[2] == "--box=a,0,1,1: give four integers y0,x0,y1,x1."
