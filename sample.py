@@ -16,13 +16,15 @@ import numpy as np
 from absl import app, flags, logging
 
 import vq_jax
-from vq_jax import api, metrics
+from vq_jax import api, errors, metrics
 
 MODES = ("reconstruct", "encode", "decode", "generate", "inpaint")
 PRIOR_MODES = ("generate", "inpaint")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Tokenizer workdir (with checkpoints/).")
 _PRIOR = flags.DEFINE_string("prior_workdir", None, "Prior workdir (generate / inpaint).")
-_CLASS = flags.DEFINE_integer("class", None, "Class to generate (class-conditional priors).")
+_CLASS = flags.DEFINE_integer(
+    "class", None, "Class to generate (class-conditional priors).", lower_bound=0
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BOX = flags.DEFINE_list("box", None, "Inpainting box y0,x0,y1,x1 in pixels (split images).")
 _IMAGE = flags.DEFINE_string("image", None, "Inpainting: one image file.")
@@ -34,13 +36,15 @@ _CFG = flags.DEFINE_float("cfg_scale", None, "Override config.sampling.cfg_scale
 _MODE = flags.DEFINE_enum("mode", "reconstruct", MODES, "What to do.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split for reconstruct / encode.")
 _NUM = flags.DEFINE_integer(
-    "num", None, "Number of images (default: 64 for reconstruct, all for encode)."
+    "num", None, "Number of images (default: 64 for reconstruct, all for encode).", lower_bound=1
 )
 _OUT = flags.DEFINE_string("out", None, "Output .npz path.")
 _TOKENS = flags.DEFINE_string("tokens", None, "Token .npz (key 'indices' or 'tokens') to decode.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.input.data_dir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size for encoding / decoding.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", lower_bound=0)
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 256, "Batch size for encoding / decoding.", lower_bound=1
+)
 flags.mark_flags_as_required(["out"])
 
 
@@ -68,6 +72,11 @@ def main(argv: list[str]) -> None:
     if mode == "decode":
         if not _TOKENS.value:
             raise app.UsageError("--mode=decode needs --tokens=FILE.npz")
+        if not os.path.isfile(_TOKENS.value):
+            raise errors.MissingFileError(
+                f"--tokens={_TOKENS.value}: no such file; write one with --mode=encode "
+                "(an .npz with an 'indices' or 'tokens' array)."
+            )
         with np.load(_TOKENS.value) as f:
             key = "indices" if "indices" in f else "tokens"
             if key not in f:
@@ -119,6 +128,20 @@ def read_png(path: str, shape: tuple[int, int, int]) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
+def parse_box(box: list[str], h: int, w: int) -> tuple[int, int, int, int]:
+    """--box=y0,x0,y1,x1 as ints inside an h x w image (a box outside it would mask nothing)."""
+    try:
+        y0, x0, y1, x1 = (int(v) for v in box)
+    except ValueError:
+        raise errors.UserError(f"--box={','.join(box)}: give four integers y0,x0,y1,x1.") from None
+    if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+        raise errors.UserError(
+            f"--box={y0},{x0},{y1},{x1} is not a box inside the {h}x{w} images; valid: "
+            f"0 <= y0 < y1 <= {h} and 0 <= x0 < x1 <= {w} (pixels), e.g. --box=8,8,24,24."
+        )
+    return y0, x0, y1, x1
+
+
 def run_prior(mode: str, prior: api.Prior) -> None:
     overrides = dict(
         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, cfg_scale=_CFG.value
@@ -138,13 +161,16 @@ def run_prior(mode: str, prior: api.Prior) -> None:
     if _IMAGE.value:
         if not _MASK.value:
             raise app.UsageError("--image needs --mask=MASK.png (white = fill in)")
+        for flag, path in (("--image", _IMAGE.value), ("--mask", _MASK.value)):
+            if not os.path.isfile(path):
+                raise errors.MissingFileError(f"{flag}={path}: no such file.")
         originals = read_png(_IMAGE.value, tok.image_shape)[None]
         mask = read_png(_MASK.value, (h, w, 1))[None, ..., 0] > 127
         labels = None if _CLASS.value is None else np.array([_CLASS.value])
     else:
         if not _BOX.value or len(_BOX.value) != 4:
             raise app.UsageError("--mode=inpaint needs --box=y0,x0,y1,x1 or --image/--mask")
-        y0, x0, y1, x1 = map(int, _BOX.value)
+        y0, x0, y1, x1 = parse_box(_BOX.value, h, w)
         originals, labels = [], []
         for u8, _, lab in api.iterate_split(
             tok, _SPLIT.value, num=_NUM.value or 8, data_dir=_DATA_DIR.value
@@ -173,5 +199,13 @@ def run_prior(mode: str, prior: api.Prior) -> None:
     )
 
 
+def main_reporting_errors(argv: list[str]) -> None:
+    """`main`, with user errors (bad workdir, tokens, labels, files) printed as one line."""
+    try:
+        main(argv)
+    except errors.UserError as e:
+        errors.exit_with("sample.py", e)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main_reporting_errors)

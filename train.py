@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vq_jax import distributed, trainer
+from vq_jax import distributed, errors, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evals.")
@@ -36,7 +36,10 @@ def main(argv: list[str]) -> None:
         distributed.initialize(distributed.settings_from_flags(flags.FLAGS))
     except distributed.DistributedConfigError as e:
         sys.exit(f"train.py: {e}")
-    trainer.train(_CONFIG.value, _WORKDIR.value)
+    try:
+        trainer.train(_CONFIG.value, _WORKDIR.value)
+    except errors.UserError as e:  # config, data, workdir: one line, no traceback
+        errors.exit_with("train.py", e)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

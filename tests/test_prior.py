@@ -13,7 +13,7 @@ from subproc import run_script
 import vq_jax
 from configs import prior as prior_configs
 from configs import vqvae
-from vq_jax import api, trainer
+from vq_jax import api, errors, trainer
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,14 @@ def test_prior_errors(tmp_path):
     (tmp_path / "tok_without_ckpt").mkdir()
     with pytest.raises(FileNotFoundError, match="No checkpoints in"):
         trainer.train(_prior_config(str(tmp_path / "tok_without_ckpt")), str(tmp_path / "p2"))
+
+
+def test_workdir_kind_and_step_mistakes_are_user_errors(tokenizer_workdir, prior_workdir):
+    """A prior loaded as a tokenizer (and back), or a step that is not there: named, no traceback
+    from deep inside the restore."""
+    with pytest.raises(errors.UserError, match=r"holds a prior, not a tokenizer.*load_prior"):
+        vq_jax.load(prior_workdir)
+    with pytest.raises(errors.UserError, match=r"holds a tokenizer, not a prior"):
+        vq_jax.load_prior(tokenizer_workdir)
+    with pytest.raises(errors.UserError, match=r"step=3: .* valid: one of \[2\]"):
+        vq_jax.load(tokenizer_workdir, step=3)

@@ -4,6 +4,7 @@ The public API: names re-exported here, nothing defined.
 """
 
 from vq_jax.api import Prior, Tokenizer, load, load_prior
+from vq_jax.errors import UserError
 from vq_jax.nets.autoencoder import AttnBlock, Decoder, Encoder, ResnetBlock, downsample_factor
 from vq_jax.nets.discriminator import NLayerDiscriminator
 from vq_jax.nets.lpips import LPIPS, load_lpips_params
@@ -32,6 +33,7 @@ __all__ = [
     "QuantizerResult",
     "ResnetBlock",
     "Tokenizer",
+    "UserError",
     "VQModel",
     "VectorQuantizer",
     "downsample_factor",

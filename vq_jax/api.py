@@ -20,6 +20,7 @@ import numpy as np
 
 from vq_jax import checkpoints, xla_options
 from vq_jax import state as state_lib
+from vq_jax.errors import MissingFileError, UserError
 from vq_jax.metrics import to_uint8
 
 
@@ -41,16 +42,21 @@ def restore_state(
     """
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No checkpoints in {workdir!r} (expected {ckpt_dir}); train one first with "
             f"`python train.py --config=... --workdir={workdir}`."
         )
     ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
     try:
         if not ckpt.steps():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{ckpt_dir} holds no complete checkpoint; train (or let training reach "
                 "train.checkpoint_every) first."
+            )
+        if step is not None and step not in ckpt.steps():
+            raise UserError(
+                f"step={step}: {ckpt_dir} has no checkpoint at that step; valid: one of "
+                f"{ckpt.steps()}, or leave it unset (--step) for the newest."
             )
         config = config_from_dict(ckpt.read_config(step))
         init_fn = make_init(config)
@@ -78,6 +84,12 @@ def restore_params(
     built = {}
 
     def make_init(config):
+        if "prior" in config:
+            raise UserError(
+                f"{workdir} holds a prior, not a tokenizer; load it with vq_jax.load_prior "
+                f"(sample.py --prior_workdir={workdir}), or pass the tokenizer's workdir "
+                f"(config.tokenizer_workdir={config.tokenizer_workdir!r})."
+            )
         built["comps"] = comps = state_lib.build(config)
         return functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
 
@@ -123,7 +135,7 @@ class Tokenizer:
         if images.ndim == 3:
             images = images[..., None] if self.image_shape[2] == 1 else images[None]
         if tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(
+            raise UserError(
                 f"images have shape {images.shape[1:]} but this tokenizer takes {self.image_shape} "
                 "(preprocess them the way training did: vq_jax.data.preprocess)."
             )
@@ -153,13 +165,13 @@ class Tokenizer:
         """int32 token grids [N, h, w] -> uint8 images [N, H, W, C]."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != self.token_shape:
-            raise ValueError(
+            raise UserError(
                 f"tokens have shape {tokens.shape} but this tokenizer decodes [N, "
                 f"{self.token_shape[0]}, {self.token_shape[1]}] grids."
             )
         size = self.codebook_size
         if tokens.size and (tokens.min() < 0 or tokens.max() >= size):
-            raise ValueError(
+            raise UserError(
                 f"token values must lie in [0, {size}); got [{tokens.min()}, {tokens.max()}]."
             )
         out = self._decode(self._variables(), jnp.asarray(tokens, jnp.int32))
@@ -253,13 +265,13 @@ class Prior:
     def _labels(self, num: int, labels: np.ndarray | int | None) -> jax.Array | None:
         if not self.num_classes:
             if labels is not None:
-                raise ValueError("This prior is unconditional; do not pass class labels.")
+                raise UserError("This prior is unconditional; do not pass class labels.")
             return None
         if labels is None:
             labels = np.arange(num) % self.num_classes
         labels = np.broadcast_to(np.asarray(labels, np.int32), (num,))
         if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}); got {labels}.")
+            raise UserError(f"class labels must lie in [0, {self.num_classes}); got {labels}.")
         return jnp.asarray(labels)
 
     def sample_tokens(
@@ -332,7 +344,7 @@ class Prior:
         if pixel_mask.ndim == 2:
             pixel_mask = np.broadcast_to(pixel_mask, (len(images), *pixel_mask.shape))
         if pixel_mask.shape != (len(images), h, w):
-            raise ValueError(
+            raise UserError(
                 f"the inpainting mask has shape {pixel_mask.shape[1:]} but the images are {h}x{w}; "
                 "give one mask pixel per image pixel (True = fill in)."
             )
@@ -354,6 +366,12 @@ def load_prior(prior_workdir: str, step: int | None = None) -> Prior:
     built = {}
 
     def make_init(config):
+        if "prior" not in config:
+            raise UserError(
+                f"{prior_workdir} holds a tokenizer, not a prior; load it with vq_jax.load "
+                f"(sample.py --workdir={prior_workdir}), or train a prior on it with "
+                f"configs/prior.py --config.tokenizer_workdir={prior_workdir}."
+            )
         tok = load(config.tokenizer_workdir)
         built["tok"] = tok
         built["comps"] = comps = state_lib.build_prior(config, tok.token_shape, tok.codebook_size)

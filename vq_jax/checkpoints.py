@@ -17,10 +17,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from vq_jax.errors import UserError
+
 ITEMS = ("state", "data", "config")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No restorable checkpoint, or one that cannot be read."""
 
 

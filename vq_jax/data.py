@@ -27,6 +27,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vq_jax.errors import MissingFileError, UserError
+
 logger = logging.getLogger(__name__)
 
 Example = dict[str, Any]
@@ -86,29 +88,29 @@ def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(
+        raise UserError(
             f"Cannot decompress IDX file {path} ({e}): the file is corrupt or truncated. "
             "Reinstall it with `apt-get install --reinstall -y dataset-fashion-mnist` or point "
             "config.input.data_dir at a good copy."
         ) from e
     fix = "Reinstall with `apt-get install --reinstall -y dataset-fashion-mnist`."
     if len(raw) < 4:
-        raise ValueError(f"IDX file {path} is truncated ({len(raw)} bytes). {fix}")
+        raise UserError(f"IDX file {path} is truncated ({len(raw)} bytes). {fix}")
     zero, dtype_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(
+        raise UserError(
             f"IDX file {path} has bad magic number 0x{raw[:4].hex()} (expected 0x000008{ndim:02x}, "
             f"unsigned bytes). {fix}"
         )
     if ndim != expected_ndim:
-        raise ValueError(f"IDX file {path} has {ndim} dims, expected {expected_ndim}. {fix}")
+        raise UserError(f"IDX file {path} has {ndim} dims, expected {expected_ndim}. {fix}")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"IDX file {path} is truncated inside its header. {fix}")
+        raise UserError(f"IDX file {path} is truncated inside its header. {fix}")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     size = math.prod(dims)
     if len(raw) - header != size:
-        raise ValueError(
+        raise UserError(
             f"IDX file {path} holds {len(raw) - header} data bytes but its header {dims} needs "
             f"{size}: the file is truncated or corrupt. {fix}"
         )
@@ -126,14 +128,14 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
     Decoded arrays are cached in memory per file path (and modification time).
     """
     if split not in FASHION_MNIST_FILES:
-        raise ValueError(
+        raise UserError(
             f"Fashion-MNIST has splits {sorted(FASHION_MNIST_FILES)}, got split={split!r}."
         )
     directory = data_dir or FASHION_MNIST_DIR
     image_path, label_path = (os.path.join(directory, n) for n in FASHION_MNIST_FILES[split])
     missing = [p for p in (image_path, label_path) if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Fashion-MNIST file(s) not found: {', '.join(missing)}. Install the apt package "
             "`dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`, files go to "
             f"{FASHION_MNIST_DIR}) or set config.input.data_dir to a directory holding "
@@ -145,7 +147,7 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
             images = _read_idx(image_path, expected_ndim=3)
             labels = _read_idx(label_path, expected_ndim=1)
             if len(images) != len(labels):
-                raise ValueError(
+                raise UserError(
                     f"{image_path} has {len(images)} images but {label_path} has {len(labels)} "
                     "labels. Reinstall with `apt-get install --reinstall -y dataset-fashion-mnist`."
                 )
@@ -169,7 +171,7 @@ class TfdsSource:
             raise _tfds_error(name, split, data_dir, e) from e
         features = self._ds.dataset_info.features
         if "image" not in features:
-            raise ValueError(
+            raise UserError(
                 f"TFDS dataset {name!r} has no 'image' feature (features: {list(features)}); "
                 "only datasets with an 'image' feature can be used."
             )
@@ -208,17 +210,17 @@ def _tfds_error(name: str, split: str, data_dir: str | None, error: Exception) -
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception:  # unknown dataset name, bad config, ...
-        return ValueError(f"Cannot open TFDS dataset {name!r}: {error}. {prepare}")
+        return UserError(f"Cannot open TFDS dataset {name!r}: {error}. {prepare}")
     if not builder.is_prepared():
-        return FileNotFoundError(
+        return MissingFileError(
             f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. {prepare}"
         )
     if "array_record" not in str(builder.info.file_format).lower():
-        return ValueError(
+        return UserError(
             f"TFDS dataset {name!r} in {builder.data_dir} is stored as "
             f"{builder.info.file_format}, but random access needs ArrayRecord. {prepare}"
         )
-    return ValueError(f"Cannot read split {split!r} of TFDS dataset {name!r}: {error}")
+    return UserError(f"Cannot read split {split!r} of TFDS dataset {name!r}: {error}")
 
 
 def _image_channels(mode: str) -> int:
@@ -247,10 +249,10 @@ class FolderSource:
 
     def __init__(self, root: str, split: str, on_corrupt: CorruptMode = "skip"):
         if on_corrupt not in ("skip", "error"):
-            raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}.")
+            raise UserError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}.")
         root = os.path.abspath(os.path.expanduser(root))
         if not os.path.isdir(root):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Image folder {root} does not exist. Set config.input.dataset to "
                 "'folder:/path/to/images' pointing at a directory of PNG/JPEG files."
             )
@@ -261,7 +263,7 @@ class FolderSource:
             elif split in FOLDER_HOLDOUT_SPLITS:
                 split_root = split_dirs.get(split, split_dirs["holdout"])
             else:
-                raise ValueError(
+                raise UserError(
                     f"Folder {root} has split folders; split must be 'train' or one of "
                     f"{FOLDER_HOLDOUT_SPLITS}, got {split!r}."
                 )
@@ -271,7 +273,7 @@ class FolderSource:
             files = _list_images(split_root)
         else:
             if split != "train" and split not in FOLDER_HOLDOUT_SPLITS:
-                raise ValueError(
+                raise UserError(
                     f"Folder splits are 'train' and 'test' (hash-based holdout), got {split!r}."
                 )
             split_root = root
@@ -279,7 +281,7 @@ class FolderSource:
             want_holdout = split != "train"
             files = [f for f in _list_images(root) if _is_holdout(f) == want_holdout]
         if not files:
-            raise ValueError(
+            raise UserError(
                 f"No {'/'.join(FOLDER_EXTENSIONS)} images for split {split!r} under {split_root}. "
                 "Add images (any subfolder depth), or for a small flat folder create "
                 f"{root}/train and {root}/test subfolders."
@@ -291,7 +293,7 @@ class FolderSource:
             checks = list(pool.map(_check_image_file, paths))
         bad = [(p, err) for p, (_, err) in zip(paths, checks, strict=True) if err is not None]
         if bad and on_corrupt == "error":
-            raise ValueError(
+            raise UserError(
                 f"Corrupt or unreadable image {bad[0][0]} ({bad[0][1]}); {len(bad)} bad file(s) "
                 f"under {split_root}. Remove them or use on_corrupt='skip'."
             )
@@ -306,7 +308,7 @@ class FolderSource:
         self.num_skipped = len(bad)
         keep = [i for i, (_, err) in enumerate(checks) if err is None]
         if not keep:
-            raise ValueError(f"All {len(paths)} images under {split_root} are unreadable.")
+            raise UserError(f"All {len(paths)} images under {split_root} are unreadable.")
         self.root = split_root
         self.paths = [paths[i] for i in keep]
         rel_parts = [files[i].split("/") for i in keep]
@@ -329,7 +331,7 @@ class FolderSource:
                 img = img.convert("L" if self.channels == 1 else "RGB")
                 image = np.asarray(img, dtype=np.uint8)
         except Exception as e:
-            raise ValueError(
+            raise UserError(
                 f"Failed to decode image {path} ({e}). Remove or replace the file."
             ) from e
         if image.ndim == 2:
@@ -381,7 +383,7 @@ class SyntheticSource:
 
     def __init__(self, size: int, shape: Sequence[int], split: str = "train"):
         if size <= 0 or len(shape) != 3:
-            raise ValueError(f"synthetic needs size > 0 and shape (H, W, C), got {size}, {shape}")
+            raise UserError(f"synthetic needs size > 0 and shape (H, W, C), got {size}, {shape}")
         self._size = int(size)
         self.image_shape = tuple(int(s) for s in shape)
         self.channels = self.image_shape[-1]
@@ -440,7 +442,7 @@ def make_source(
         return FolderSource(dataset[len("folder:") :], split, on_corrupt=on_corrupt)
     if dataset == "synthetic":
         return SyntheticSource(synthetic_size, synthetic_shape, split)
-    raise ValueError(
+    raise UserError(
         f"Unknown dataset {dataset!r}. Set config.input.dataset to one of: {DATASET_FORMS}."
     )
 
@@ -460,7 +462,7 @@ def _convert_channels(image: np.ndarray, channels: int, convert: bool) -> np.nda
             if (have, channels) in ((1, 3), (3, 1))
             else ""
         )
-        raise ValueError(
+        raise UserError(
             f"Images have {have} channel(s) but the model expects channels={channels}. "
             f"Set config.input.channels to {have}{hint}."
         )
@@ -509,7 +511,7 @@ def preprocess(
     h, w, _ = image.shape
     if resize == "pad":
         if h > resolution or w > resolution:
-            raise ValueError(
+            raise UserError(
                 f"Cannot pad a {h}x{w} image to resolution {resolution}: it is larger. Set "
                 f"config.input.resolution >= {max(h, w)} or use resize='resize_crop'."
             )
@@ -520,12 +522,12 @@ def preprocess(
         image = _resize_crop(image, resolution)
     elif resize == "none":
         if (h, w) != (resolution, resolution):
-            raise ValueError(
+            raise UserError(
                 f"Image is {h}x{w} but resize='none' needs {resolution}x{resolution}. Use "
                 "resize='pad' or 'resize_crop', or set config.input.resolution to match."
             )
     else:
-        raise ValueError(f"resize must be 'pad', 'resize_crop' or 'none', got {resize!r}.")
+        raise UserError(f"resize must be 'pad', 'resize_crop' or 'none', got {resize!r}.")
     return image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
 
 
@@ -534,7 +536,7 @@ def make_preprocess_fn(
 ) -> Callable[[np.ndarray], np.ndarray]:
     """:func:`preprocess` with fixed arguments (a picklable partial)."""
     if resize not in ("pad", "resize_crop", "none"):
-        raise ValueError(f"resize must be 'pad', 'resize_crop' or 'none', got {resize!r}.")
+        raise UserError(f"resize must be 'pad', 'resize_crop' or 'none', got {resize!r}.")
     return functools.partial(
         preprocess,
         resolution=resolution,
@@ -574,7 +576,7 @@ def _check_sharding(
             f"Need 0 <= process_index < process_count, got {process_index}, {process_count}."
         )
     if num_examples < min_examples:
-        raise ValueError(
+        raise UserError(
             f"Split has {num_examples} examples, fewer than the {min_examples} needed for "
             f"process_count={process_count}; use a larger split."
         )
@@ -622,7 +624,7 @@ class TrainIterator(grain.DatasetIterator):
         changed = {k: (state.get(k), v) for k, v in self._params.items() if state.get(k) != v}
         if changed:
             desc = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in changed.items())
-            raise ValueError(
+            raise UserError(
                 f"Data iterator state does not match this pipeline ({desc}). Restore with the same "
                 "dataset, global batch size and seed, or start the data iterator fresh."
             )

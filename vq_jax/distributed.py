@@ -26,6 +26,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from vq_jax.errors import UserError
+
 MODES = ("auto", "on", "off")
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -34,7 +36,7 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(UserError):
     """Flags / environment that cannot describe a multi-process run."""
 
 

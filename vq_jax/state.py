@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
+from vq_jax.errors import MissingFileError, UserError
 from vq_jax.nets import lpips
 from vq_jax.nets import quantizers as quantizers_lib
 from vq_jax.nets.autoencoder import downsample_factor
@@ -46,22 +47,20 @@ def rng_stream(key: jax.Array, name: str) -> jax.Array:
 
 def _dtype(name: str) -> Any:
     if name not in DTYPES:
-        raise ValueError(
-            f"config.model.dtype={name!r} is not supported; use one of {list(DTYPES)}."
-        )
+        raise UserError(f"config.model.dtype={name!r} is not supported; use one of {list(DTYPES)}.")
     return DTYPES[name]
 
 
 def build_quantizer(qc: mlc.ConfigDict, dtype: Any) -> Any:
     """The quantizer named by config.quantizer.kind."""
     if qc.kind not in QUANTIZER_KINDS:
-        raise ValueError(
+        raise UserError(
             f"config.quantizer.kind={qc.kind!r} is unknown; use one of {QUANTIZER_KINDS}."
         )
     if qc.kind == "fsq":
         return quantizers_lib.FSQ(levels=tuple(qc.levels), dtype=dtype)
     if qc.codebook_size < 2:
-        raise ValueError(
+        raise UserError(
             f"config.quantizer.codebook_size={qc.codebook_size} is too small; a codebook needs at "
             "least 2 entries (typical: 512 to 16384)."
         )
@@ -134,7 +133,7 @@ def make_schedule(oc: mlc.ConfigDict, total_steps: int) -> optax.Schedule:
     elif oc.schedule == "cosine":
         main = optax.cosine_decay_schedule(oc.lr, decay_steps)
     else:
-        raise ValueError(
+        raise UserError(
             f"optimizer schedule {oc.schedule!r} is unknown; use 'constant' or 'cosine'."
         )
     if oc.warmup_steps <= 0:
@@ -179,21 +178,21 @@ def validate_batch_sizes(config: mlc.ConfigDict) -> None:
     for name in ("batch_size", "eval_batch_size"):
         bs = config.input[name]
         if bs % jax.device_count():
-            raise ValueError(
+            raise UserError(
                 f"config.input.{name}={bs} is not divisible by the {jax.device_count()} devices; "
                 f"use a multiple of {jax.device_count()}."
             )
         if bs % jax.process_count():
-            raise ValueError(
+            raise UserError(
                 f"config.input.{name}={bs} is not divisible by the {jax.process_count()} processes."
             )
 
 
 def validate_config(config: mlc.ConfigDict) -> None:
-    """Checks that need no data and no compilation; raises ValueError naming the fix."""
+    """Checks that need no data and no compilation; raises UserError naming the fix."""
     res, factor = config.input.resolution, downsample_factor(tuple(config.model.ch_mult))
     if res % factor:
-        raise ValueError(
+        raise UserError(
             f"config.input.resolution={res} is not divisible by the downsampling factor {factor} "
             f"(2**(len(config.model.ch_mult)-1) with ch_mult={tuple(config.model.ch_mult)}); "
             f"pick a resolution that is a multiple of {factor} or change config.model.ch_mult."
@@ -202,11 +201,21 @@ def validate_config(config: mlc.ConfigDict) -> None:
     if config.quantizer.kind == "fsq":
         levels = tuple(config.quantizer.levels)
         if not levels or any(int(lv) < 2 for lv in levels):
-            raise ValueError(
+            raise UserError(
                 f"config.quantizer.levels={levels} is invalid: FSQ needs at least one level and "
                 "each level >= 2 (e.g. (8, 5, 5, 5))."
             )
     build_quantizer(config.quantizer, jnp.float32)  # raises on bad kind / codebook size
+
+
+def _lpips_params(path: str) -> dict:
+    """The LPIPS weights at config.loss.lpips_weights; a missing or wrong file is a UserError."""
+    try:
+        return lpips.load_lpips_params(path)
+    except FileNotFoundError as e:
+        raise MissingFileError(f"config.loss.lpips_weights={path!r}: {e}") from e
+    except ValueError as e:
+        raise UserError(f"config.loss.lpips_weights={path!r}: {e}") from e
 
 
 def build(config: mlc.ConfigDict) -> Components:
@@ -221,7 +230,7 @@ def build(config: mlc.ConfigDict) -> Components:
     perceptual = None
     if config.loss.get("perceptual_weight", 0.0) > 0:
         # Fails here, before any data or compilation, with the command that makes the file.
-        params = lpips.load_lpips_params(config.loss.lpips_weights)
+        params = _lpips_params(config.loss.lpips_weights)
         perceptual = lpips.lpips_loss_fn(params, dtype=_dtype(config.model.dtype))
     return Components(
         build_model(config), disc, tx, schedule, disc_tx, disc_schedule, shape, perceptual
@@ -277,7 +286,7 @@ def build_prior(
     """The prior of config.prior over token grids of `token_shape` with `vocab_size` codes."""
     pc = config.prior
     if pc.kind not in PRIOR_KINDS:
-        raise ValueError(f"config.prior.kind={pc.kind!r} is unknown; use one of {PRIOR_KINDS}.")
+        raise UserError(f"config.prior.kind={pc.kind!r} is unknown; use one of {PRIOR_KINDS}.")
     cls = GPT if pc.kind == "autoregressive" else MaskGITTransformer
     model = cls(
         vocab_size=vocab_size,

@@ -26,12 +26,15 @@ from vq_jax import api, checkpoints, data, finetune, metrics, xla_options
 from vq_jax import fid as fid_lib
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
+from vq_jax.errors import UserError
 from vq_jax.state import State
+from vq_jax.validate import check as check_config
+from vq_jax.workdir_lock import WorkdirLock
 
 DATA_AXIS = "data"
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """A loss or gradient became NaN/Inf."""
 
 
@@ -187,11 +190,11 @@ def make_preprocess(config: mlc.ConfigDict):
 def check_data(source: Any, preprocess_fn, config: mlc.ConfigDict) -> None:
     """Fails before compilation if the data cannot feed the model (shape, channels, emptiness)."""
     if len(source) == 0:
-        raise ValueError(f"The dataset {config.input.dataset!r} has no examples.")
+        raise UserError(f"The dataset {config.input.dataset!r} has no examples.")
     image = preprocess_fn(source[0]["image"])
     expected = (config.input.resolution, config.input.resolution, config.input.channels)
     if tuple(image.shape) != expected:
-        raise ValueError(
+        raise UserError(
             f"Preprocessed images have shape {tuple(image.shape)} but the model expects "
             f"{expected}; "
             "check config.input.resolution / channels / resize."
@@ -325,7 +328,7 @@ def run(
         diffs = config_differences(ckpt.read_config(), config_dict)
         if diffs:
             ckpt.close()
-            raise ValueError(
+            raise UserError(
                 f"{workdir} was created by a different model config ({'; '.join(diffs)}). Use "
                 "another --workdir, or pass --config.train.allow_config_change=True to resume "
                 "anyway."
@@ -696,7 +699,7 @@ def cached_tokens(
 def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Task:
     """The stage-2 task: a prior over the frozen tokenizer's token grids."""
     if not config.tokenizer_workdir:
-        raise ValueError(
+        raise UserError(
             "config.tokenizer_workdir is empty; point it at a trained tokenizer: "
             "--config.tokenizer_workdir=W (a workdir written by train.py with a tokenizer config)."
         )
@@ -710,7 +713,7 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
     train_tokens, train_labels = cached_tokens(tok, config, ic.train_split, cache, batch_sharding)
     eval_tokens, eval_labels = cached_tokens(tok, config, ic.eval_split, cache, batch_sharding)
     if pc.num_classes and train_labels.max() >= pc.num_classes:
-        raise ValueError(
+        raise UserError(
             f"the dataset has labels up to {train_labels.max()} but config.prior.num_classes="
             f"{pc.num_classes}; set it to {train_labels.max() + 1} (or 0 for unconditional)."
         )
@@ -792,9 +795,15 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     make_task = prior_task if "prior" in config else tokenizer_task
-    newest = checkpoints.newest_step_dir(os.path.join(workdir, "checkpoints"))
-    preemption = Preemption(newest or 0)  # before the set-up, which can take long (token cache)
+    check_config(config)  # every out-of-range field at once, before data and compilation
+    lock = WorkdirLock(workdir, jax.process_index())
+    lock.acquire()  # one run per workdir, before anything reads or writes its checkpoints
     try:
-        return run(make_task(config, workdir, mesh), config, workdir, mesh, preemption)
+        newest = checkpoints.newest_step_dir(os.path.join(workdir, "checkpoints"))
+        preemption = Preemption(newest or 0)  # before the set-up, which can take long
+        try:
+            return run(make_task(config, workdir, mesh), config, workdir, mesh, preemption)
+        finally:
+            preemption.close()
     finally:
-        preemption.close()
+        lock.release()

@@ -1,0 +1,34 @@
+"""The one exception type for mistakes a user can fix (config, data, workdir, files).
+
+The library raises `UserError` (or a subclass) with a message that names the field, the value,
+what is valid and the fix; the entry points (train.py, sample.py) print it as one line and exit
+1, without a traceback. Anything else is a bug and keeps its traceback.
+
+`UserError` is a `ValueError` and `MissingFileError` also a `FileNotFoundError`, so code that
+caught those before keeps working.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+
+class UserError(ValueError):
+    """A mistake in the config, the data, the workdir or a file that the user can fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the run needs does not exist (the message says how to make it)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (whitespace, newlines included, collapsed)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def exit_with(program: str, error: BaseException) -> NoReturn:
+    """Prints `program: [Kind: ]message` on stderr as one line and exits with status 1 (the
+    kind is named for subclasses, e.g. NonFiniteError, CheckpointError)."""
+    kind = "" if type(error) in (UserError, MissingFileError) else f"{type(error).__name__}: "
+    sys.exit(f"{program}: {kind}{one_line(error)}")
