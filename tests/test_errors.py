@@ -20,18 +20,20 @@ def test_user_error_keeps_the_builtin_types():
 def test_exit_with_prints_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         errors.exit_with("train.py", errors.UserError("config.x=3 is too big;\n  use <= 2."))
-    assert exc.value.code == "train.py: config.x=3 is too big; use <= 2."
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "train.py: config.x=3 is too big; use <= 2.\n"
     with pytest.raises(SystemExit) as exc:
         errors.exit_with("train.py", trainer.NonFiniteError("Non-finite loss\nat step 3."))
-    assert exc.value.code == "train.py: NonFiniteError: Non-finite loss at step 3."
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "train.py: NonFiniteError: Non-finite loss at step 3.\n"
 
 
 def test_train_py_reports_a_config_error_in_one_line(tmp_path):
-    """A config mistake found by the library (not by flag parsing): exit 1, one line."""
+    """A config mistake found by the library (not by flag parsing): exit 2, one line."""
     proc = run_script(
         *train_args("vqvae", str(tmp_path / "w"), "--config.input.resolution=17"), check=False
     )
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: config.input.resolution=17 is not divisible"), last
@@ -41,7 +43,7 @@ def test_sample_py_reports_a_missing_workdir_in_one_line(tmp_path):
     proc = run_script(
         "sample.py", f"--workdir={tmp_path / 'none'}", f"--out={tmp_path / 'o.npz'}", check=False
     )
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("sample.py: No checkpoints in") and "train.py" in last, last

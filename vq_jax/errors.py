@@ -2,7 +2,8 @@
 
 The library raises `UserError` (or a subclass) with a message that names the field, the value,
 what is valid and the fix; the entry points (train.py, sample.py) print it as one line and exit
-1, without a traceback. Anything else is a bug and keeps its traceback.
+with status 2 (a usage error, as for argparse), without a traceback. Anything else is a bug and
+keeps its traceback.
 
 `UserError` is a `ValueError` and `MissingFileError` also a `FileNotFoundError`, so code that
 caught those before keeps working.
@@ -28,7 +29,8 @@ def one_line(error: BaseException) -> str:
 
 
 def exit_with(program: str, error: BaseException) -> NoReturn:
-    """Prints `program: [Kind: ]message` on stderr as one line and exits with status 1 (the
+    """Prints `program: [Kind: ]message` on stderr as one line and exits with status 2 (the
     kind is named for subclasses, e.g. NonFiniteError, CheckpointError)."""
     kind = "" if type(error) in (UserError, MissingFileError) else f"{type(error).__name__}: "
-    sys.exit(f"{program}: {kind}{one_line(error)}")
+    print(f"{program}: {kind}{one_line(error)}", file=sys.stderr, flush=True)
+    sys.exit(2)
