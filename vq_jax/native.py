@@ -158,7 +158,6 @@ def _library() -> ctypes.CDLL | str:
     lib.VqOnednnConvSupported.argtypes = [ctypes.c_int, *[dims] * 5, ctypes.c_char_p, ctypes.c_int]
     lib.VqOnednnConvSupported.restype = ctypes.c_int
     lib.VqOnednnCpuIsa.restype = ctypes.c_int
-    lib.VqOnednnBlockedActivations.restype = ctypes.c_int
     return lib
 
 
@@ -173,14 +172,6 @@ def cpu_isa() -> str:
     require()
     isa = _library().VqOnednnCpuIsa()
     return _ISA_NAMES.get(isa, hex(isa))
-
-
-def activation_layout() -> str:
-    """The activation layout oneDNN's convolutions take here: "blocked" (reordered from and to
-    NHWC in each call; below AVX-512, where oneDNN's blocked kernels are much faster) or "nhwc"
-    (as XLA holds them). $VQ_JAX_ONEDNN_LAYOUT=nhwc|blocked overrides."""
-    require()
-    return "blocked" if _library().VqOnednnBlockedActivations() else "nhwc"
 
 
 @functools.cache

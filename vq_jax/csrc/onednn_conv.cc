@@ -16,7 +16,6 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -96,30 +95,17 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
-// The activation layout the primitives take: NHWC, as XLA holds the tensors, or the blocked
-// layout oneDNN prefers (nChw8c on AVX2), reordered on the way in and out. oneDNN 3.2's AVX2
-// kernels run 1.3-2x faster on blocked activations than on NHWC, far more than the reorders cost;
-// its AVX-512 / AMX brgemm kernels are as fast on NHWC, where reorders would only add time
-// (BENCHMARKS.md section 6). $VQ_JAX_ONEDNN_LAYOUT=nhwc|blocked overrides, for measurements.
-bool BlockedActivations() {
-  static const bool blocked = [] {
-    const char* env = std::getenv("VQ_JAX_ONEDNN_LAYOUT");
-    if (env != nullptr && std::string(env) == "nhwc") return false;
-    if (env != nullptr && std::string(env) == "blocked") return true;
-    constexpr int kAvx512Bit = 0x20;  // set in every dnnl_cpu_isa_avx512_* value
-    return (static_cast<int>(dnnl::get_effective_cpu_isa()) & kAvx512Bit) == 0;
-  }();
-  return blocked;
-}
-
 memory::desc UserActivation(const memory::dims& dims, const Geometry& g) {
   return memory::desc(dims, g.dt, tag::nhwc);
 }
 
 memory::desc UserWeights(const Geometry& g) { return memory::desc(g.wei, g.dt, tag::hwio); }
 
+// Activations stay NHWC for the primitives too. (oneDNN's blocked layout, nChw8c, with reorders
+// from and to NHWC in each call, was tried on AVX2: its kernels gained less than the reorders
+// cost; BENCHMARKS.md section 6, attempt 21.)
 memory::desc PrimitiveActivation(const memory::dims& dims, const Geometry& g) {
-  return memory::desc(dims, g.dt, BlockedActivations() ? tag::any : tag::nhwc);
+  return UserActivation(dims, g);
 }
 
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
@@ -309,9 +295,6 @@ extern "C" int VqOnednnConvSupported(int dtype, const int64_t* x, const int64_t*
   }
   return 1;
 }
-
-// 1 when the primitives take oneDNN's blocked activation layout (see BlockedActivations).
-extern "C" int VqOnednnBlockedActivations() { return BlockedActivations() ? 1 : 0; }
 
 // The instruction set oneDNN uses here (a dnnl_cpu_isa_t value; ONEDNN_MAX_CPU_ISA caps it).
 extern "C" int VqOnednnCpuIsa() { return static_cast<int>(dnnl::get_effective_cpu_isa()); }
