@@ -60,3 +60,13 @@ def test_train_checks_before_touching_the_workdir(tmp_path):
     with pytest.raises(validate.ConfigError, match=r"config.train.checkpoint_every=0"):
         trainer.train(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_learning_rate_zero_is_allowed_and_negative_refused():
+    """lr = 0 freezes the network (tests fine-tune with it); a negative lr is a mistake."""
+    config = vqvae.get_config("tiny")
+    config.optimizer.generator.lr = 0.0
+    validate.check(config)
+    config.optimizer.generator.lr = -1e-4
+    with pytest.raises(validate.ConfigError, match=r"config.optimizer.generator.lr=-0.0001"):
+        validate.check(config)

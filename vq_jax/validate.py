@@ -63,7 +63,7 @@ def _choices(*values: str) -> str:
 
 def _optimizer_rules(prefix: str) -> tuple[Rule, ...]:
     return (
-        Rule(f"{prefix}.lr", above(0), "a learning rate > 0", 1e-4),
+        Rule(f"{prefix}.lr", at_least(0), "a learning rate >= 0 (0 freezes the network)", 1e-4),
         Rule(f"{prefix}.b1", within(0, 1, hi_open=True), "0 <= b1 < 1", 0.9),
         Rule(f"{prefix}.b2", within(0, 1, hi_open=True), "0 <= b2 < 1", 0.99),
         Rule(f"{prefix}.eps", above(0), "Adam's epsilon > 0", 1e-8),
