@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import checkpoints, xla_options
+from vq_jax import checkpoints, data, xla_options
 from vq_jax import state as state_lib
 from vq_jax.errors import MissingFileError, UserError
 from vq_jax.metrics import to_uint8
@@ -197,14 +197,12 @@ def load(
 
 def split_source(tok: Tokenizer, split: str, *, data_dir: str | None = None) -> tuple[Any, Any]:
     """(source, preprocess_fn) of a split of the tokenizer's dataset, as training reads it."""
-    from vq_jax import trainer  # deferred: the API itself needs no input pipeline
-
     config = tok.config.copy_and_resolve_references()
     if data_dir is not None:
         config.input.data_dir = data_dir
     config.input.train_split = config.input.eval_split = split
-    _, source = trainer.make_sources(config)
-    return source, trainer.make_preprocess(config)
+    _, source = data.config_sources(config)
+    return source, data.config_preprocess(config)
 
 
 def iterate_split(

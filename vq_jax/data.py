@@ -807,3 +807,28 @@ def make_eval_batches(
     threads = min(num_threads, prefetch) if prefetch > 0 else 0
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
     return EvalBatches(ds.to_iter_dataset(read_options), n_batches)
+
+
+def config_sources(config: Any) -> tuple[Any, Any]:
+    """The (train, eval) sources that `config.input` names."""
+    ic = config.input
+    kw = dict(
+        data_dir=ic.data_dir,
+        synthetic_size=ic.synthetic_size,
+        synthetic_shape=(ic.resolution, ic.resolution, ic.channels),
+        on_corrupt=ic.on_corrupt,
+    )
+    return make_source(ic.dataset, ic.train_split, **kw), make_source(
+        ic.dataset, ic.eval_split, **kw
+    )
+
+
+def config_preprocess(config: Any) -> Callable:
+    """The preprocessing (resize, channels, uint8 -> [-1, 1]) that `config.input` asks for."""
+    ic = config.input
+    return make_preprocess_fn(
+        resolution=ic.resolution,
+        channels=ic.channels,
+        resize=ic.resize,
+        convert_channels=ic.convert_channels,
+    )

@@ -164,27 +164,10 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.NamedSharding) -> dict
     }
 
 
-def make_sources(config: mlc.ConfigDict) -> tuple[Any, Any]:
-    ic = config.input
-    kw = dict(
-        data_dir=ic.data_dir,
-        synthetic_size=ic.synthetic_size,
-        synthetic_shape=(ic.resolution, ic.resolution, ic.channels),
-        on_corrupt=ic.on_corrupt,
-    )
-    train_src = data.make_source(ic.dataset, ic.train_split, **kw)
-    eval_src = data.make_source(ic.dataset, ic.eval_split, **kw)
-    return train_src, eval_src
-
-
-def make_preprocess(config: mlc.ConfigDict):
-    ic = config.input
-    return data.make_preprocess_fn(
-        resolution=ic.resolution,
-        channels=ic.channels,
-        resize=ic.resize,
-        convert_channels=ic.convert_channels,
-    )
+# The config's train and eval sources, and its preprocessing (data.py owns them; the API uses
+# them too, without importing the trainer).
+make_sources = data.config_sources
+make_preprocess = data.config_preprocess
 
 
 def check_data(source: Any, preprocess_fn, config: mlc.ConfigDict) -> None:
