@@ -23,7 +23,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+from vq_jax.errors import UserError
 
 Dtype = jnp.dtype | type
 
@@ -39,25 +42,62 @@ def _check_dims(embed_dim: int, num_heads: int) -> None:
         )
 
 
-def _start_ids(labels: jax.Array | None, num_classes: int, batch: int) -> jax.Array:
-    """Class ids of the start/class token: labels, or the single SOS id 0 when unconditional."""
+def check_labels(labels, num_classes: int, batch: int, *, null_ok: bool = True):
+    """The one label check of the priors: labels [batch] in [0, num_classes] (id num_classes is
+    the null class when ``null_ok``), or None for an unconditional model (num_classes=0).
+
+    Returns int32 labels (or None). Range checks run on concrete values only (not under jit).
+    Raises UserError (a ValueError) naming the fix.
+    """
     if num_classes == 0:
         if labels is not None:
-            raise ValueError(
-                "labels were given to an unconditional model (num_classes=0); drop the labels or "
+            raise UserError(
+                "labels were given to an unconditional prior (num_classes=0); drop the labels or "
                 "build the model with num_classes set to the number of classes."
             )
-        return jnp.zeros((batch,), jnp.int32)
+        return None
     if labels is None:
-        raise ValueError(
-            f"this model is class-conditional (num_classes={num_classes}) and needs labels [B]; "
+        raise UserError(
+            f"this prior is class-conditional (num_classes={num_classes}) and needs labels [B]; "
             f"pass labels, using id {num_classes} (the null class) for unconditional inputs."
         )
+    concrete = not isinstance(labels, jax.core.Tracer)
+    labels = np.asarray(labels) if concrete else labels
     if labels.shape != (batch,):
-        raise ValueError(
+        raise UserError(
             f"labels must have shape ({batch},) matching the batch, got {labels.shape}."
         )
-    return labels.astype(jnp.int32)
+    if concrete and labels.size:
+        top = num_classes if null_ok else num_classes - 1
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > top:
+            raise UserError(
+                f"class labels must lie in [0, {top}] (num_classes={num_classes}"
+                f"{', the last id is the null class' if null_ok else ''}); got [{lo}, {hi}]."
+            )
+    return jnp.asarray(labels, jnp.int32)
+
+
+def _start_ids(labels: jax.Array | None, num_classes: int, batch: int) -> jax.Array:
+    """Class ids of the start/class token: labels, or the single SOS id 0 when unconditional."""
+    labels = check_labels(labels, num_classes, batch)
+    return jnp.zeros((batch,), jnp.int32) if labels is None else labels
+
+
+def _check_cond(cond: jax.Array | None, cond_len: int, batch: int) -> None:
+    """Condition tokens [B, cond_len] for a conditional model, none otherwise."""
+    if cond_len == 0:
+        if cond is not None:
+            raise UserError(
+                "condition tokens were given to a prior without an image condition (cond_len=0)."
+            )
+        return
+    if cond is None or cond.shape != (batch, cond_len):
+        got = None if cond is None else cond.shape
+        raise UserError(
+            f"this prior is conditioned on {cond_len} condition tokens per example; pass cond "
+            f"[{batch}, {cond_len}] (the condition tokenizer's grid, flattened), got {got}."
+        )
 
 
 class SelfAttention(nn.Module):
@@ -204,14 +244,20 @@ class _Trunk(nn.Module):
 class GPT(nn.Module):
     """Decoder-only causal transformer prior: tokens [B, T<=L] -> logits [B, T, vocab_size].
 
-    ``logits[:, i]`` predicts token ``i`` given the start token (class embedding) and tokens
-    ``< i``; the last input token is never read. Parameter names: tok_embed, class_embed,
-    pos_embed, trunk/{block_i, norm_out, head}.
+    ``logits[:, i]`` predicts token ``i`` given the start token (class embedding), the
+    ``cond_len`` condition tokens (image-conditional priors: a prefix from a second tokenizer,
+    ids in ``[0, cond_vocab)``, own embedding ``cond_embed``) and tokens ``< i``; the last input
+    token is never read. Only target positions get logits: the condition is context, never a
+    prediction. Parameter names: tok_embed, class_embed, [cond_embed], pos_embed,
+    trunk/{block_i, norm_out, head}.
 
-    Decoding (``decode=True``, ``mutable=['cache']``, cache from :func:`init_cache`): each call
-    takes the inputs for the next ``T`` positions ``p..p+T-1`` (``p`` = cache index), where the
-    input at position ``p`` is token ``p - 1`` (the value at position 0 is ignored: the start
-    token is used) and returns the logits for tokens ``p..p+T-1``. Feeding more than ``L``
+    Decoding (``decode=True``, ``mutable=['cache']``, cache from :func:`init_cache`) runs over the
+    whole sequence ``[start, condition, targets]`` of ``cond_len + L`` positions: each call takes
+    the inputs for the next ``T`` positions ``p..p+T-1`` (``p`` = cache index), where the input
+    at position ``p`` is sequence element ``p - 1`` (condition token ``p - 1`` for
+    ``1 <= p <= cond_len``, then target token ``p - 1 - cond_len``; the value at position 0 is
+    ignored: the start token is used), and returns the logits at those positions (the one at
+    position ``cond_len + j`` predicts target token ``j``). Feeding more than ``cond_len + L``
     positions in total is not checked inside jit (slices clamp). Pass the same labels on every
     decode call (they are read at position 0 only).
     """
@@ -225,6 +271,8 @@ class GPT(nn.Module):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    cond_len: int = 0  # image-conditional: number of condition tokens (the prefix)
+    cond_vocab: int = 0  # image-conditional: the condition tokenizer's codebook size
 
     @nn.compact
     def __call__(
@@ -233,35 +281,29 @@ class GPT(nn.Module):
         labels: jax.Array | None = None,
         train: bool = False,
         decode: bool = False,
+        cond: jax.Array | None = None,
     ) -> jax.Array:
         if tokens.ndim != 2:
             raise ValueError(f"GPT expects tokens [B, T], got shape {tokens.shape}; flatten h*w.")
         b, t = tokens.shape
-        if t > self.seq_len:
+        total = self.cond_len + self.seq_len
+        if t > (total if decode else self.seq_len):
             raise ValueError(
                 f"sequence of {t} tokens is longer than seq_len={self.seq_len}; build the model "
                 "with seq_len = h * w of the token grid."
             )
         _check_dims(self.embed_dim, self.num_heads)
         cls_ids = _start_ids(labels, self.num_classes, b)
+        if not decode:
+            _check_cond(cond, self.cond_len, b)
         c = self.embed_dim
-        tok_embed = nn.Embed(
-            self.vocab_size,
-            c,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=_INIT,
-            name="tok_embed",
+        embed = lambda n, name: nn.Embed(
+            n, c, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=_INIT, name=name
         )
-        class_embed = nn.Embed(
-            self.num_classes + 1,
-            c,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=_INIT,
-            name="class_embed",
-        )
-        pos_embed = self.param("pos_embed", _INIT, (self.seq_len, c), jnp.float32)
+        tok_embed = embed(self.vocab_size, "tok_embed")
+        class_embed = embed(self.num_classes + 1, "class_embed")
+        cond_embed = embed(self.cond_vocab, "cond_embed") if self.cond_len else None
+        pos_embed = self.param("pos_embed", _INIT, (total, c), jnp.float32)
 
         if decode:
             initialized = self.has_variable("cache", "index")
@@ -269,26 +311,36 @@ class GPT(nn.Module):
             start = index.value
             if initialized:
                 index.value = start + t
-            inputs = tokens
+            positions = start + jnp.arange(t)
+            ids = tokens.astype(jnp.int32)
+            x = tok_embed(jnp.clip(ids, 0, self.vocab_size - 1))
+            if cond_embed is not None:
+                in_cond = (positions >= 1) & (positions <= self.cond_len)
+                xc = cond_embed(jnp.clip(ids, 0, self.cond_vocab - 1))
+                x = jnp.where(in_cond[None, :, None], xc, x)
+            length = t
         else:
             start = jnp.zeros((), jnp.int32)
-            inputs = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
-
-        positions = start + jnp.arange(t)
-        x = tok_embed(inputs.astype(jnp.int32))
+            x = tok_embed(tokens[:, :-1].astype(jnp.int32))
+            if cond_embed is not None:
+                x = jnp.concatenate([cond_embed(cond.astype(jnp.int32)), x], axis=1)
+            x = jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)
+            length = self.cond_len + t
+            positions = jnp.arange(length)
         x = jnp.where((positions == 0)[None, :, None], class_embed(cls_ids)[:, None, :], x)
-        pos = jax.lax.dynamic_slice_in_dim(pos_embed, start, t, axis=0)
+        pos = jax.lax.dynamic_slice_in_dim(pos_embed, start, length, axis=0)
         x = (x + pos[None].astype(x.dtype)).astype(self.dtype)
-        return _Trunk(
+        logits = _Trunk(
             self.vocab_size,
             self.num_layers,
             self.num_heads,
             self.mlp_ratio,
             self.dropout,
-            self.seq_len,
+            total,
             self.dtype,
             name="trunk",
         )(x, causal=True, train=train, decode=decode, start=start)
+        return logits if decode else logits[:, self.cond_len :]
 
 
 def init_cache(model: GPT, batch_size: int) -> dict:
@@ -310,8 +362,11 @@ class MaskGITTransformer(nn.Module):
 
     Id ``K = vocab_size`` (:attr:`mask_id`) marks masked positions. A class token (ids
     ``0..num_classes``, the last one the null class; unconditional models have only id 0) is
-    prepended, so the position table has ``L + 1`` rows. Parameter names: tok_embed,
-    class_embed, pos_embed, trunk/{block_i, norm_out, head}.
+    prepended, then (image-conditional priors) the ``cond_len`` condition tokens ``cond``
+    [B, cond_len] with their own embedding ``cond_embed`` (ids in ``[0, cond_vocab)``; they are
+    a separate input, so they can never be masked); both are dropped again at the output. The
+    position table has ``1 + cond_len + L`` rows. Parameter names: tok_embed, class_embed,
+    [cond_embed], pos_embed, trunk/{block_i, norm_out, head}.
     """
 
     vocab_size: int
@@ -323,6 +378,8 @@ class MaskGITTransformer(nn.Module):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    cond_len: int = 0  # image-conditional: number of condition tokens
+    cond_vocab: int = 0  # image-conditional: the condition tokenizer's codebook size
 
     @property
     def mask_id(self) -> int:
@@ -331,7 +388,11 @@ class MaskGITTransformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, labels: jax.Array | None = None, train: bool = False
+        self,
+        tokens: jax.Array,
+        labels: jax.Array | None = None,
+        train: bool = False,
+        cond: jax.Array | None = None,
     ) -> jax.Array:
         if tokens.ndim != 2:
             raise ValueError(
@@ -345,26 +406,20 @@ class MaskGITTransformer(nn.Module):
             )
         _check_dims(self.embed_dim, self.num_heads)
         cls_ids = _start_ids(labels, self.num_classes, b)
+        _check_cond(cond, self.cond_len, b)
         c = self.embed_dim
-        x = nn.Embed(
-            self.vocab_size + 1,
-            c,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=_INIT,
-            name="tok_embed",
-        )(tokens.astype(jnp.int32))
-        cls = nn.Embed(
-            self.num_classes + 1,
-            c,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=_INIT,
-            name="class_embed",
-        )(cls_ids)
-        pos_embed = self.param("pos_embed", _INIT, (self.seq_len + 1, c), jnp.float32)
-        x = jnp.concatenate([cls[:, None, :], x], axis=1)
-        x = (x + pos_embed[None, : t + 1].astype(x.dtype)).astype(self.dtype)
+        embed = lambda n, name: nn.Embed(
+            n, c, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=_INIT, name=name
+        )
+        x = embed(self.vocab_size + 1, "tok_embed")(tokens.astype(jnp.int32))
+        cls = embed(self.num_classes + 1, "class_embed")(cls_ids)
+        prefix = [cls[:, None, :]]
+        if self.cond_len:
+            prefix.append(embed(self.cond_vocab, "cond_embed")(cond.astype(jnp.int32)))
+        n_prefix = 1 + self.cond_len
+        pos_embed = self.param("pos_embed", _INIT, (n_prefix + self.seq_len, c), jnp.float32)
+        x = jnp.concatenate([*prefix, x], axis=1)
+        x = (x + pos_embed[None, : n_prefix + t].astype(x.dtype)).astype(self.dtype)
         logits = _Trunk(
             self.vocab_size,
             self.num_layers,
@@ -375,4 +430,4 @@ class MaskGITTransformer(nn.Module):
             self.dtype,
             name="trunk",
         )(x, causal=False, train=train)
-        return logits[:, 1:]
+        return logits[:, n_prefix:]
