@@ -260,17 +260,19 @@ class Prior:
     def num_classes(self) -> int:
         return self.comps.model.num_classes
 
+    @property
+    def condition(self) -> str:
+        """none | class | image (see vq_jax.priors)."""
+        return self.comps.condition
+
     def _labels(self, num: int, labels: np.ndarray | int | None) -> jax.Array | None:
-        if not self.num_classes:
-            if labels is not None:
-                raise UserError("This prior is unconditional; do not pass class labels.")
-            return None
-        if labels is None:
+        from vq_jax.nets.transformer import check_labels
+
+        if self.num_classes and labels is None:
             labels = np.arange(num) % self.num_classes
-        labels = np.broadcast_to(np.asarray(labels, np.int32), (num,))
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise UserError(f"class labels must lie in [0, {self.num_classes}); got {labels}.")
-        return jnp.asarray(labels)
+        if labels is not None:
+            labels = np.broadcast_to(np.asarray(labels, np.int32), (num,))
+        return check_labels(labels, self.num_classes, num, null_ok=False)
 
     def sample_tokens(
         self,
@@ -280,10 +282,12 @@ class Prior:
         seed: int = 0,
         known_tokens=None,
         known_mask=None,
+        cond_tokens=None,
         **overrides,
     ) -> np.ndarray:
-        """Token grids [num, h, w]; `known_*` ([num, h, w]) are kept fixed (inpainting)."""
-        from vq_jax import sampling  # deferred: only generation needs it
+        """Token grids [num, h, w]; `known_*` ([num, h, w]) are kept fixed (inpainting);
+        `cond_tokens` ([num, h', w'], image-conditional priors) are the condition tokenizer's."""
+        from vq_jax import priors  # deferred: only generation needs the samplers
 
         sc = self.config.sampling.copy_and_resolve_references()
         for k, v in overrides.items():
@@ -292,34 +296,22 @@ class Prior:
         key = jax.random.key(seed)
         lab = self._labels(num, labels)
         flat = lambda a: None if a is None else jnp.asarray(np.asarray(a).reshape(num, -1))
-        if self.comps.kind == "autoregressive":
-            tokens = sampling.sample_autoregressive(
-                self.comps.model,
-                self.params,
-                key,
-                num,
-                labels=lab,
-                temperature=sc.temperature,
-                top_k=int(sc.top_k),
-                top_p=sc.top_p,
-                cfg_scale=float(sc.cfg_scale),
-                prefix=flat(known_tokens),
-                prefix_mask=flat(known_mask),
+        if (cond_tokens is None) != (self.comps.cond_len == 0):
+            raise UserError(
+                "condition tokens are needed by (and only by) an image-conditional prior; this "
+                f"one's condition is {self.condition!r} (use upsample() for image conditions)."
             )
-        else:
-            tokens = sampling.sample_maskgit(
-                self.comps.model,
-                self.params,
-                key,
-                num,
-                labels=lab,
-                num_steps=int(sc.maskgit_steps),
-                temperature=sc.temperature,
-                choice_temperature=sc.choice_temperature,
-                cfg_scale=float(sc.cfg_scale),
-                known_tokens=flat(known_tokens),
-                known_mask=flat(known_mask),
-            )
+        tokens = priors.get(self.comps.kind).sample(
+            self.comps.model,
+            self.params,
+            key,
+            num,
+            labels=lab,
+            cond=flat(cond_tokens),
+            known_tokens=flat(known_tokens),
+            known_mask=flat(known_mask),
+            settings=sc,
+        )
         return np.asarray(tokens).reshape(num, *self.comps.token_shape)
 
     def generate(self, num: int, *, labels=None, seed: int = 0, **overrides):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
+from vq_jax import priors
 from vq_jax.errors import MissingFileError, UserError
 from vq_jax.nets import lpips
 from vq_jax.nets import quantizers as quantizers_lib
@@ -262,45 +263,76 @@ def init_state(comps: Components, key: jax.Array, *, ema: bool) -> State:
 
 # --- stage 2: the prior over token grids -------------------------------------------------------
 
-PRIOR_KINDS = ("autoregressive", "maskgit")
-
-
 @dataclasses.dataclass(frozen=True)
 class PriorComponents:
-    """The prior network, its optimizer and the token grid it models."""
+    """The prior network, its optimizer and the token grids it models (and is conditioned on)."""
 
     model: GPT | MaskGITTransformer
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     token_shape: tuple[int, int]
     vocab_size: int
+    kind: str = "autoregressive"  # the key of vq_jax.priors
+    condition: str = "none"  # none | class | image
+    cond_shape: tuple[int, int] | None = None  # image: the condition tokenizer's token grid
+    cond_vocab: int = 0  # image: the condition tokenizer's codebook size
 
     @property
-    def kind(self) -> str:
-        return "autoregressive" if isinstance(self.model, GPT) else "maskgit"
+    def cond_len(self) -> int:
+        return 0 if self.cond_shape is None else self.cond_shape[0] * self.cond_shape[1]
 
 
 def build_prior(
-    config: mlc.ConfigDict, token_shape: tuple[int, int], vocab_size: int
+    config: mlc.ConfigDict,
+    token_shape: tuple[int, int],
+    vocab_size: int,
+    cond_shape: tuple[int, int] | None = None,
+    cond_vocab: int = 0,
 ) -> PriorComponents:
-    """The prior of config.prior over token grids of `token_shape` with `vocab_size` codes."""
+    """The prior of config.prior over token grids of `token_shape` with `vocab_size` codes;
+    with condition 'image', conditioned on grids of `cond_shape` with `cond_vocab` codes."""
     pc = config.prior
-    if pc.kind not in PRIOR_KINDS:
-        raise UserError(f"config.prior.kind={pc.kind!r} is unknown; use one of {PRIOR_KINDS}.")
-    cls = GPT if pc.kind == "autoregressive" else MaskGITTransformer
-    model = cls(
+    kind = priors.get(pc.kind)
+    condition = priors.condition_of(pc)
+    if condition == "class" and pc.num_classes < 1:
+        raise UserError(
+            f"config.prior.condition='class' needs config.prior.num_classes >= 1, got "
+            f"{pc.num_classes}; set it to the number of classes (or condition='none')."
+        )
+    if condition == "image" and cond_shape is None:
+        raise UserError(
+            "config.prior.condition='image' needs a condition tokenizer; set "
+            "--config.condition_tokenizer_workdir=W (a trained vq-jax tokenizer of the condition "
+            "images, e.g. configs/vqvae.py:fashion_mnist_lr8)."
+        )
+    if condition != "image":
+        cond_shape, cond_vocab = None, 0
+    cond_len = 0 if cond_shape is None else cond_shape[0] * cond_shape[1]
+    model = kind.network(
         vocab_size=vocab_size,
         seq_len=token_shape[0] * token_shape[1],
-        num_classes=pc.num_classes,
+        num_classes=pc.num_classes if condition == "class" else 0,
         num_layers=pc.num_layers,
         num_heads=pc.num_heads,
         embed_dim=pc.embed_dim,
         mlp_ratio=pc.mlp_ratio,
         dropout=pc.dropout,
         dtype=_dtype(pc.dtype),
+        cond_len=cond_len,
+        cond_vocab=cond_vocab,
     )
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    return PriorComponents(model, tx, schedule, tuple(token_shape), vocab_size)
+    return PriorComponents(
+        model,
+        tx,
+        schedule,
+        tuple(token_shape),
+        vocab_size,
+        kind=pc.kind,
+        condition=condition,
+        cond_shape=None if cond_shape is None else tuple(cond_shape),
+        cond_vocab=cond_vocab,
+    )
 
 
 def init_prior_state(comps: PriorComponents, key: jax.Array) -> State:
@@ -308,5 +340,8 @@ def init_prior_state(comps: PriorComponents, key: jax.Array) -> State:
     seq_len = comps.token_shape[0] * comps.token_shape[1]
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     labels = jnp.zeros((1,), jnp.int32) if comps.model.num_classes else None
-    params = comps.model.init({"params": rng_stream(key, "prior_params")}, tokens, labels)["params"]
+    cond = jnp.zeros((1, comps.cond_len), jnp.int32) if comps.cond_len else None
+    params = comps.model.init(
+        {"params": rng_stream(key, "prior_params")}, tokens, labels, cond=cond
+    )["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": comps.tx.init(params)}

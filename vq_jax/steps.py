@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vq_jax import losses, metrics, prior_losses
+from vq_jax import losses, metrics, prior_losses, priors
 from vq_jax.nets.conv import conv2d
 from vq_jax.state import Components, PriorComponents, State, rng_stream
 
@@ -325,23 +325,29 @@ def _prior_logits_and_loss(
     labels: jax.Array | None,
     key: jax.Array,
     train: bool,
+    cond: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(loss, accuracy) of the prior on flattened token grids [B, L]."""
+    """(loss, accuracy) of the prior on flattened token grids [B, L] (its kind's loss)."""
     rngs = {"dropout": rng_stream(key, "dropout")} if train else {}
-    if comps.kind == "autoregressive":
-        logits = comps.model.apply({"params": params}, tokens, labels, train=train, rngs=rngs)
-        return prior_losses.ar_loss(logits, tokens)
-    masked, mask = prior_losses.maskgit_mask(rng_stream(key, "mask"), tokens, comps.model.mask_id)
-    logits = comps.model.apply({"params": params}, masked, labels, train=train, rngs=rngs)
-    return prior_losses.maskgit_loss(
-        logits, tokens, mask, label_smoothing=s.label_smoothing if train else 0.0
+    return priors.get(comps.kind).loss(
+        comps.model,
+        params,
+        tokens,
+        labels,
+        cond,
+        rngs=rngs,
+        mask_key=rng_stream(key, "mask"),
+        train=train,
+        label_smoothing=s.label_smoothing,
     )
 
 
 def _prior_inputs(comps: PriorComponents, batch: dict[str, jax.Array]):
+    """(tokens [B, L], labels [B] or None, condition tokens [B, P] or None) of a batch."""
     tokens = batch["tokens"].reshape(batch["tokens"].shape[0], -1)
     labels = batch["label"] if comps.model.num_classes else None
-    return tokens, labels
+    cond = batch["cond"].reshape(tokens.shape[0], -1) if comps.cond_len else None
+    return tokens, labels, cond
 
 
 def make_prior_step(
@@ -351,14 +357,14 @@ def make_prior_step(
 
     def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array):
         key = jax.random.fold_in(key, state["step"])
-        tokens, labels = _prior_inputs(comps, batch)
+        tokens, labels, cond = _prior_inputs(comps, batch)
         if labels is not None and s.class_dropout > 0:
             labels = prior_losses.drop_labels(
                 rng_stream(key, "class_dropout"), labels, comps.model.num_classes, s.class_dropout
             )
 
         def loss_fn(params):
-            return _prior_logits_and_loss(comps, s, params, tokens, labels, key, train=True)
+            return _prior_logits_and_loss(comps, s, params, tokens, labels, key, True, cond)
 
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = comps.tx.update(grads, state["opt_state"], state["params"])
@@ -385,8 +391,8 @@ def make_prior_eval_step(comps: PriorComponents, s: PriorSettings) -> Callable[.
     from the cosine schedule with `key`, so the held-out loss is comparable across evals)."""
 
     def eval_step(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> Measurements:
-        tokens, labels = _prior_inputs(comps, batch)
-        loss, accuracy = _prior_logits_and_loss(comps, s, params, tokens, labels, key, False)
+        tokens, labels, cond = _prior_inputs(comps, batch)
+        loss, accuracy = _prior_logits_and_loss(comps, s, params, tokens, labels, key, False, cond)
         return {"loss": loss, "accuracy": accuracy}
 
     return eval_step
