@@ -6,14 +6,19 @@ Usage: `python train.py --config=configs/vqvae.py[:VARIANT] --workdir=W`, VARIAN
   taming_cpu     the shapes of the CPU speed comparison with taming-transformers (BENCHMARKS.md):
                  32x32x1 Fashion-MNIST, ch 64, ch_mult (1,2,2), 2 res blocks, attention at 8x8,
                  z 64, 512 codes, plain VQ, Adam, batch 64, float32.
+  fashion_mnist_lr8
+                 the low-resolution (condition) tokenizer of configs/prior.py:fashion_mnist_sr:
+                 the 32x32 padded Fashion-MNIST image area-averaged over 4x4 blocks
+                 (input.downsample=4) -> 8x8, f2 -> 4x4 tokens.
   tiny           a few-second configuration for tests.
+  tiny_lr        tiny's 16x16 synthetic images area-downsampled 4x -> 4x4, f2 -> 2x2 tokens.
 Any field can be overridden on the command line, e.g. `--config.optimizer.generator.lr=1e-4`;
 unknown keys are rejected.
 """
 
 import ml_collections as mlc
 
-VARIANTS = ("default", "fashion_mnist", "taming_cpu", "tiny")
+VARIANTS = ("default", "fashion_mnist", "fashion_mnist_lr8", "taming_cpu", "tiny", "tiny_lr")
 
 
 def _optimizer(lr: float, *, b1: float = 0.5, b2: float = 0.9) -> mlc.ConfigDict:
@@ -57,6 +62,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             prefetch=2,
             on_corrupt="skip",  # folder datasets: skip | error
             synthetic_size=256,
+            # > 1: prepare the image at downsample * resolution, then average each
+            # downsample x downsample block (area downsampling): low-resolution condition images
+            downsample=1,
         )
     )
 
@@ -133,7 +141,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         )
     )
 
-    if variant in ("fashion_mnist", "taming_cpu"):  # 32x32 padded Fashion-MNIST, batch 64
+    if variant in ("fashion_mnist", "fashion_mnist_lr8", "taming_cpu"):  # 32x32 padded, batch 64
         c.input.update(
             dataset="fashion_mnist",
             train_split="train",
@@ -145,7 +153,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             batch_size=64,
             eval_batch_size=500,
         )
-    if variant == "fashion_mnist":
+    if variant == "fashion_mnist_lr8":  # 4x area-downsampled: 32x32 -> 8x8, f2 -> 4x4 tokens
+        c.input.update(resolution=8, downsample=4)
+    if variant in ("fashion_mnist", "fashion_mnist_lr8"):
         c.model.update(
             ch=32,
             ch_mult=(1, 2, 2),
@@ -176,7 +186,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.quantizer.update(kind="vq", codebook_size=512, embed_dim=64)
         c.optimizer.generator = _optimizer(1e-3, b1=0.9, b2=0.999)
         c.train.update(steps=2000, log_every=100, eval_every=1000, checkpoint_every=500)
-    elif variant == "tiny":
+    if variant == "fashion_mnist_lr8":
+        c.model.update(ch_mult=(1, 2))
+        c.train.update(steps=2000)
+    if variant in ("tiny", "tiny_lr"):
         c.input.update(
             dataset="synthetic",
             train_split="train",
@@ -208,5 +221,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             eval_batches=2,
             num_sample_images=4,
         )
+    if variant == "tiny_lr":
+        c.input.update(resolution=4, downsample=4)
+        c.model.update(attn_resolutions=())
     c.lock()
     return c

@@ -248,13 +248,15 @@ def token_mask_from_pixels(pixel_mask: np.ndarray, factor: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class Prior:
-    """A trained prior and the tokenizer whose tokens it models: generation and inpainting."""
+    """A trained prior and the tokenizer whose tokens it models: generation, inpainting and
+    (image-conditional priors) upsampling / image-to-image."""
 
     config: mlc.ConfigDict
     comps: Any  # state.PriorComponents
     params: Any
     tokenizer: Tokenizer
     step: int
+    condition_tokenizer: Tokenizer | None = None  # condition 'image': encodes the condition
 
     @property
     def num_classes(self) -> int:
@@ -351,8 +353,165 @@ class Prior:
         return self.tokenizer.decode(tokens), tokens, token_mask
 
 
+    def upsample(
+        self,
+        lr_images: np.ndarray,
+        *,
+        num_samples: int = 1,
+        seed: int = 0,
+        batch_size: int = 256,
+        **overrides,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Samples full-resolution images given condition images (e.g. low-resolution ones).
+
+        lr_images: uint8 [N, h, w, C] (or float in [-1, 1]) of the condition tokenizer's input
+        shape. Several samples per input on request (super-resolution is one-to-many). Returns
+        (uint8 images [N, num_samples, H, W, C], tokens [N, num_samples, h', w']). Batches of
+        `batch_size` sequences; batch j is sampled with seed + j.
+        """
+        if self.condition != "image" or self.condition_tokenizer is None:
+            raise UserError(
+                f"this prior's condition is {self.condition!r}: upsampling needs a prior trained "
+                "with config.prior.condition='image' and a condition tokenizer (e.g. "
+                "configs/prior.py:fashion_mnist_sr); use generate / inpaint with this one."
+            )
+        if num_samples < 1 or batch_size < 1:
+            raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must be >= 1.")
+        ctok = self.condition_tokenizer
+        lr = np.asarray(lr_images)
+        if lr.ndim == 3 and ctok.image_shape[2] == 1 and lr.shape[1:] == ctok.image_shape[:2]:
+            lr = lr[..., None]
+        if lr.ndim != 4 or tuple(lr.shape[1:]) != ctok.image_shape:
+            h, w, c = ctok.image_shape
+            raise UserError(
+                f"low-resolution images have shape {lr.shape[1:]} but this prior's condition "
+                f"tokenizer takes {h}x{w}x{c} images ({ctok.config.input.get('downsample', 1)}x "
+                "area-downsampled, as vq_jax.data.area_downsample makes them); resize them first."
+            )
+        cond = np.repeat(ctok.encode(lr), num_samples, axis=0)
+        total = len(cond)
+        tokens = np.concatenate(
+            [
+                self.sample_tokens(
+                    min(batch_size, total - i),
+                    seed=seed + j,
+                    cond_tokens=cond[i : i + batch_size],
+                    **overrides,
+                )
+                for j, i in enumerate(range(0, total, batch_size))
+            ]
+        )
+        images = np.concatenate(
+            [self.tokenizer.decode(tokens[i : i + batch_size]) for i in range(0, total, batch_size)]
+        )
+        n = len(lr)
+        return (
+            images.reshape(n, num_samples, *images.shape[1:]),
+            tokens.reshape(n, num_samples, *tokens.shape[1:]),
+        )
+
+
+def load_condition_tokenizer(
+    config: mlc.ConfigDict, tok: Tokenizer, *, sharding: jax.sharding.Sharding | None = None
+) -> Tokenizer | None:
+    """The condition tokenizer of an image-conditional prior config (None for other conditions).
+
+    Checked before any data is read: it is set and trained, it reads the same dataset as the
+    tokenizer (example i of one is example i of the other), and it sees the same prepared image
+    (resolution * input.downsample) at `config.condition_scale` times lower resolution when that
+    is set. Each mistake is one UserError naming config.condition_tokenizer_workdir.
+    """
+    from vq_jax import priors
+
+    if priors.condition_of(config.prior) != "image":
+        return None
+    path = config.get("condition_tokenizer_workdir", "")
+    field = f"config.condition_tokenizer_workdir={path!r}"
+    if not path:
+        raise UserError(
+            "config.prior.condition='image' needs a condition tokenizer; set "
+            "--config.condition_tokenizer_workdir=W (a trained vq-jax tokenizer of the condition "
+            "images, e.g. trained with configs/vqvae.py:fashion_mnist_lr8)."
+        )
+    try:
+        ctok = load(path, sharding=sharding)
+    except MissingFileError as e:
+        raise MissingFileError(f"{field}: {e}") from e
+    except UserError as e:
+        raise UserError(f"{field}: {e}") from e
+    ci, ti = ctok.config.input, tok.config.input
+    if (ci.dataset, ci.get("synthetic_size")) != (ti.dataset, ti.get("synthetic_size")):
+        raise UserError(
+            f"{field} was trained on {ci.dataset!r} but the tokenizer on {ti.dataset!r}; the "
+            "condition must come from the same examples: train it on the tokenizer's dataset."
+        )
+    c_full = ci.resolution * ci.get("downsample", 1)
+    t_full = ti.resolution * ti.get("downsample", 1)
+    scale = config.get("condition_scale", 0)
+    if c_full != t_full or (scale and ti.resolution != scale * ci.resolution):
+        want = f"{ti.resolution // scale}x{ti.resolution // scale} " if scale else ""
+        raise UserError(
+            f"{field} takes {ci.resolution}x{ci.resolution} images prepared from "
+            f"{c_full}x{c_full} ones, but this prior needs {want}condition images of the "
+            f"tokenizer's {t_full}x{t_full} images ({scale or 'any'}x smaller; "
+            f"config.condition_scale={scale}): train it with input.resolution="
+            f"{ti.resolution // (scale or 1)} and input.downsample={scale or 1} "
+            "(e.g. configs/vqvae.py:fashion_mnist_lr8)."
+        )
+    return ctok
+
+
+def condition_grid(ctok: Tokenizer | None) -> tuple[tuple[int, int] | None, int]:
+    """(token grid, codebook size) of a condition tokenizer, (None, 0) without one."""
+    return (None, 0) if ctok is None else (ctok.token_shape, ctok.codebook_size)
+
+
+def iterate_condition_pairs(
+    prior: Prior, split: str, *, num: int | None = None, batch_size: int = 256, data_dir=None
+):
+    """Yields (uint8 condition images, uint8 full-resolution images, labels) batches of a split:
+    the same examples through the condition tokenizer's and the tokenizer's preprocessing."""
+    if prior.condition_tokenizer is None:
+        raise UserError(
+            f"this prior's condition is {prior.condition!r}; only image-conditional priors have "
+            "condition images."
+        )
+    kw = dict(batch_size=batch_size, num=num, data_dir=data_dir)
+    lows = iterate_split(prior.condition_tokenizer, split, **kw)
+    highs = iterate_split(prior.tokenizer, split, **kw)
+    for (lr, _, lab), (hr, _, _) in zip(lows, highs, strict=True):
+        yield lr, hr, lab
+
+
+def read_image(path: str, shape: tuple[int, int, int], what: str = "--image") -> np.ndarray:
+    """uint8 [H, W, C] of an image file, converted to `shape`'s channels; a missing file or one
+    of another size is a one-line UserError."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{what}={path}: no such file.")
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("L" if shape[2] == 1 else "RGB"))
+    a = a[..., None] if a.ndim == 2 else a
+    if a.shape[:2] != tuple(shape[:2]):
+        raise UserError(
+            f"{what}={path} is {a.shape[0]}x{a.shape[1]} but {shape[0]}x{shape[1]} is needed; "
+            "resize it first (for upsampling: area-downsample the full image)."
+        )
+    return a
+
+
+def box_mask(num: int, h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """bool [num, h, w], True inside the pixel box (y0, x0, y1, x1): the part to fill in."""
+    y0, x0, y1, x1 = box
+    mask = np.zeros((num, h, w), bool)
+    mask[:, y0:y1, x0:x1] = True
+    return mask
+
+
 def load_prior(prior_workdir: str, step: int | None = None) -> Prior:
-    """Loads a prior and the tokenizer named by its config (`tokenizer_workdir`)."""
+    """Loads a prior and the tokenizer named by its config (`tokenizer_workdir`), and for an
+    image-conditional prior its condition tokenizer (`condition_tokenizer_workdir`)."""
     built = {}
 
     def make_init(config):
@@ -363,9 +522,12 @@ def load_prior(prior_workdir: str, step: int | None = None) -> Prior:
                 f"configs/prior.py --config.tokenizer_workdir={prior_workdir}."
             )
         tok = load(config.tokenizer_workdir)
-        built["tok"] = tok
-        built["comps"] = comps = state_lib.build_prior(config, tok.token_shape, tok.codebook_size)
+        ctok = load_condition_tokenizer(config, tok)
+        built["tok"], built["ctok"] = tok, ctok
+        built["comps"] = comps = state_lib.build_prior(
+            config, tok.token_shape, tok.codebook_size, *condition_grid(ctok)
+        )
         return functools.partial(state_lib.init_prior_state, comps)
 
     config, state, step = restore_state(prior_workdir, make_init, step)
-    return Prior(config, built["comps"], state["params"], built["tok"], step)
+    return Prior(config, built["comps"], state["params"], built["tok"], step, built["ctok"])

@@ -485,6 +485,34 @@ def _resize_crop(image: np.ndarray, resolution: int) -> np.ndarray:
     return image[top : top + resolution, left : left + resolution]
 
 
+def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """Area (box) downsampling: the mean of each ``factor x factor`` block, [H, W, C] -> [H/f,
+    W/f, C] (float32). It is the documented degradation of the super-resolution configs: the
+    low-resolution image every method (bicubic included) starts from."""
+    h, w, c = image.shape
+    if factor < 1 or h % factor or w % factor:
+        raise UserError(
+            f"config.input.downsample={factor} must be >= 1 and divide the {h}x{w} image."
+        )
+    blocks = np.asarray(image, np.float32).reshape(h // factor, factor, w // factor, factor, c)
+    return blocks.mean(axis=(1, 3))
+
+
+def upsample_images(
+    images: np.ndarray, size: tuple[int, int], method: str = "bicubic"
+) -> np.ndarray:
+    """uint8 [N, h, w, C] -> uint8 [N, H, W, C] by PIL's 'bicubic' filter (the baseline of
+    super-resolution) or 'nearest' (to show low-resolution images at full size)."""
+    resample = {"bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}[method]
+    out = []
+    for im in np.asarray(images, np.uint8):
+        c = im.shape[-1]
+        pil = Image.fromarray(im[..., 0] if c == 1 else im)
+        up = pil.resize((size[1], size[0]), resample=resample)
+        out.append(np.asarray(up, np.uint8).reshape(size[0], size[1], c))
+    return np.stack(out)
+
+
 def preprocess(
     image: np.ndarray,
     *,
@@ -492,6 +520,7 @@ def preprocess(
     channels: int,
     resize: ResizeMode,
     convert_channels: bool = False,
+    downsample: int = 1,
 ) -> np.ndarray:
     """uint8 [H, W, C] -> float32 [resolution, resolution, channels] in [-1, 1].
 
@@ -499,7 +528,18 @@ def preprocess(
     'resize_crop' resizes the shorter side (PIL bicubic, antialiased) then centre-crops,
     'none' requires the image to already be resolution x resolution.
     Channel mismatches raise unless ``convert_channels`` (only 1 -> 3 repeat, 3 -> 1 luma).
+    ``downsample = f > 1`` (low-resolution condition images): the image is brought to
+    ``f * resolution`` as above, then :func:`area_downsample`'d by ``f``.
     """
+    if downsample > 1:
+        full = preprocess(
+            image,
+            resolution=resolution * downsample,
+            channels=channels,
+            resize=resize,
+            convert_channels=convert_channels,
+        )
+        return area_downsample(full, downsample)
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"preprocess expects uint8 images, got {image.dtype}")
@@ -532,7 +572,12 @@ def preprocess(
 
 
 def make_preprocess_fn(
-    *, resolution: int, channels: int, resize: ResizeMode, convert_channels: bool = False
+    *,
+    resolution: int,
+    channels: int,
+    resize: ResizeMode,
+    convert_channels: bool = False,
+    downsample: int = 1,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """:func:`preprocess` with fixed arguments (a picklable partial)."""
     if resize not in ("pad", "resize_crop", "none"):
@@ -543,6 +588,7 @@ def make_preprocess_fn(
         channels=channels,
         resize=resize,
         convert_channels=convert_channels,
+        downsample=downsample,
     )
 
 
@@ -812,10 +858,11 @@ def make_eval_batches(
 def config_sources(config: Any) -> tuple[Any, Any]:
     """The (train, eval) sources that `config.input` names."""
     ic = config.input
+    ds = ic.get("downsample", 1)  # absent in older workdirs' configs
     kw = dict(
         data_dir=ic.data_dir,
         synthetic_size=ic.synthetic_size,
-        synthetic_shape=(ic.resolution, ic.resolution, ic.channels),
+        synthetic_shape=(ic.resolution * ds, ic.resolution * ds, ic.channels),
         on_corrupt=ic.on_corrupt,
     )
     return make_source(ic.dataset, ic.train_split, **kw), make_source(
@@ -831,4 +878,5 @@ def config_preprocess(config: Any) -> Callable:
         channels=ic.channels,
         resize=ic.resize,
         convert_channels=ic.convert_channels,
+        downsample=ic.get("downsample", 1),  # absent in older workdirs' configs
     )

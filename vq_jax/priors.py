@@ -73,9 +73,11 @@ def get(name: str) -> PriorKind:
 
 
 def condition_of(prior_config: Mapping[str, Any]) -> str:
-    """``config.prior.condition``; absent (older workdirs) it means what ``num_classes`` meant."""
+    """``config.prior.condition``. Absent (older workdirs) it means what ``num_classes`` meant:
+    ``class`` when ``num_classes > 0``, else ``none``; ``class`` with ``num_classes=0`` is
+    ``none`` too (``--config.prior.num_classes=0`` keeps meaning unconditional)."""
     cond = prior_config.get("condition", None)
-    if not cond:
+    if not cond or cond == "class":
         return "class" if prior_config.get("num_classes", 0) else "none"
     if cond not in CONDITIONS:
         raise UserError(

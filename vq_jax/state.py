@@ -294,11 +294,6 @@ def build_prior(
     pc = config.prior
     kind = priors.get(pc.kind)
     condition = priors.condition_of(pc)
-    if condition == "class" and pc.num_classes < 1:
-        raise UserError(
-            f"config.prior.condition='class' needs config.prior.num_classes >= 1, got "
-            f"{pc.num_classes}; set it to the number of classes (or condition='none')."
-        )
     if condition == "image" and cond_shape is None:
         raise UserError(
             "config.prior.condition='image' needs a condition tokenizer; set "

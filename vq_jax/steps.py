@@ -295,8 +295,11 @@ def make_eval_step(comps: Components) -> Callable[..., Measurements]:
             "l1": jnp.abs(recon - x).mean(axis=(1, 2, 3)),
             "mse": jnp.square(recon - x).mean(axis=(1, 2, 3)),
             "psnr": metrics.psnr(x, recon),
-            "ssim": metrics.ssim(x, recon),
         }
+        if min(x.shape[1:3]) >= metrics.SSIM_WINDOW:  # SSIM is undefined below 11x11 (e.g. 8x8 LR)
+            per_image["ssim"] = metrics.ssim(x, recon)
+        else:
+            per_image["ssim"] = jnp.full(x.shape[:1], jnp.nan)
         sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
         sums["count"] = mask.sum()
         mask_tokens = jnp.broadcast_to(mask[:, None, None], qres.indices.shape)

@@ -573,27 +573,47 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
 
 class TokenSource:
     """Random access over cached token grids: {'image': int32 [h, w], 'label'} (the pipeline's
-    keys; `TokenBatches` renames 'image' to 'tokens')."""
+    keys; `TokenBatches` renames 'image' to 'tokens'). With condition grids `cond`, 'image' is
+    the flattened [tokens; cond] (the pipeline carries only 'image' and 'label')."""
 
-    def __init__(self, tokens: np.ndarray, labels: np.ndarray):
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray, cond: np.ndarray | None = None):
         self._tokens, self._labels = tokens, labels.astype(np.int32)
+        self._cond = cond
 
     def __len__(self) -> int:
         return len(self._tokens)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {"image": self._tokens[i], "label": self._labels[i]}
+        image = self._tokens[i]
+        if self._cond is not None:
+            image = np.concatenate([image.reshape(-1), self._cond[i].reshape(-1)])
+        return {"image": image, "label": self._labels[i]}
 
 
 class TokenBatches:
-    """The input pipeline's iterator with its batches' 'image' key renamed to 'tokens'."""
+    """The input pipeline's iterator with its batches' 'image' key renamed to 'tokens' (and split
+    into 'tokens' [b, h, w] and 'cond' [b, h', w'] when `token_shape` / `cond_shape` are given)."""
 
-    def __init__(self, it: Any):
+    def __init__(
+        self,
+        it: Any,
+        token_shape: tuple[int, int] | None = None,
+        cond_shape: tuple[int, int] | None = None,
+    ):
         self._it = it
+        self._shapes = (token_shape, cond_shape)
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._it)
-        return {"tokens": batch["image"], "label": batch["label"]}
+        token_shape, cond_shape = self._shapes
+        if cond_shape is None:
+            return {"tokens": batch["image"], "label": batch["label"]}
+        n, length = len(batch["image"]), token_shape[0] * token_shape[1]
+        return {
+            "tokens": batch["image"][:, :length].reshape(n, *token_shape),
+            "cond": batch["image"][:, length:].reshape(n, *cond_shape),
+            "label": batch["label"],
+        }
 
     def get_state(self) -> dict:
         return self._it.get_state()
@@ -690,12 +710,20 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
     repl = jax.NamedSharding(mesh, jax.P())
     batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
     tok = api.load(config.tokenizer_workdir, sharding=repl)
-    comps = state_lib.build_prior(config, tok.token_shape, tok.codebook_size)
+    ctok = api.load_condition_tokenizer(config, tok, sharding=repl)  # condition 'image' only
+    comps = state_lib.build_prior(
+        config, tok.token_shape, tok.codebook_size, *api.condition_grid(ctok)
+    )
     ic, tc, pc = config.input, config.train, config.prior
     cache = os.path.join(workdir, "tokens")
     train_tokens, train_labels = cached_tokens(tok, config, ic.train_split, cache, batch_sharding)
     eval_tokens, eval_labels = cached_tokens(tok, config, ic.eval_split, cache, batch_sharding)
-    if pc.num_classes and train_labels.max() >= pc.num_classes:
+    train_cond = eval_cond = None
+    if ctok is not None:  # the same examples through the condition tokenizer, cached once too
+        ccache = os.path.join(cache, "condition")
+        train_cond, _ = cached_tokens(ctok, config, ic.train_split, ccache, batch_sharding)
+        eval_cond, _ = cached_tokens(ctok, config, ic.eval_split, ccache, batch_sharding)
+    if comps.model.num_classes and train_labels.max() >= pc.num_classes:
         raise UserError(
             f"the dataset has labels up to {train_labels.max()} but config.prior.num_classes="
             f"{pc.num_classes}; set it to {train_labels.max() + 1} (or 0 for unconditional)."
@@ -706,7 +734,7 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
 
     def make_train_iter():
         it = data.make_train_iter(
-            TokenSource(train_tokens, train_labels),
+            TokenSource(train_tokens, train_labels, train_cond),
             batch_size=ic.batch_size // pcount,
             seed=config.seed,
             preprocess_fn=lambda t: t,
@@ -715,7 +743,7 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
             process_count=pcount,
             prefetch=ic.prefetch,
         )
-        return TokenBatches(it)
+        return TokenBatches(it, comps.token_shape, comps.cond_shape)
 
     def make_step(abstract):
         skip = tc.skip_nonfinite_steps
@@ -740,7 +768,10 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
         sums = None
         for b in range(n_batches):  # full global batches only: every example weighs the same
             sl = slice(b * gb + pindex * lb, b * gb + (pindex + 1) * lb)
-            batch = to_global({"tokens": eval_tokens[sl], "label": eval_labels[sl]}, batch_sharding)
+            local = {"tokens": eval_tokens[sl], "label": eval_labels[sl]}
+            if eval_cond is not None:
+                local["cond"] = eval_cond[sl]
+            batch = to_global(local, batch_sharding)
             out = eval_step(state["params"], batch, jax.random.fold_in(eval_key, b))
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         result = {k: float(v) / max(n_batches, 1) for k, v in jax.device_get(sums or {}).items()}
@@ -749,13 +780,22 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
         result["eval_seconds"] = time.time() - t0
         writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
         # Every process samples (the parameters span all of them); process 0 writes.
-        prior = api.Prior(config, comps, state["params"], tok, step)
+        prior = api.Prior(config, comps, state["params"], tok, step, ctok)
         per_class = config.sampling.samples_per_class
-        num = per_class * max(pc.num_classes, 1)
-        labels = np.repeat(np.arange(pc.num_classes), per_class) if pc.num_classes else None
-        images, _, _ = prior.generate(num, labels=labels, seed=config.seed)
+        num_classes = comps.model.num_classes
+        if ctok is not None:  # condition (nearest-upsampled) | sample | truth's reconstruction
+            n = min(per_class, len(eval_cond))
+            tokens = prior.sample_tokens(n, seed=config.seed, cond_tokens=eval_cond[:n])
+            lows = data.upsample_images(ctok.decode(eval_cond[:n]), tok.image_shape[:2], "nearest")
+            images = np.concatenate([lows, tok.decode(tokens), tok.decode(eval_tokens[:n])])
+            ncols = n
+        else:
+            num = per_class * max(num_classes, 1)
+            labels = np.repeat(np.arange(num_classes), per_class) if num_classes else None
+            images, _, _ = prior.generate(num, labels=labels, seed=config.seed)
+            ncols = per_class if num_classes else 8
         if is_main:
-            grid = metrics.image_grid(images, ncols=per_class if pc.num_classes else 8)
+            grid = metrics.image_grid(images, ncols=ncols)
             save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
             metrics.save_png(os.path.join(workdir, "eval", f"samples_step_{step}.png"), grid)
             writer.write_images(step, "eval/samples", grid[None])
