@@ -6,6 +6,8 @@
   python sample.py --prior_workdir=P --mode=generate [--class=K] --num=N --seed=S --out=gen.npz
   python sample.py --prior_workdir=P --mode=inpaint --split=test --num=8 --box=8,8,24,24 \
       --out=inpaint.npz          # or --image=IMG.png --mask=MASK.png (white = fill in)
+  python sample.py --prior_workdir=P --mode=upsample --split=test --num=8 --samples=4 \
+      --out=sr.npz               # or --image=LR.png (an image-conditional prior's input size)
 
 Each .npz gets a PNG grid next to it. Tokenizer EMA parameters are used when the run kept them.
 """
@@ -16,18 +18,25 @@ import numpy as np
 from absl import app, flags, logging
 
 import vq_jax
-from vq_jax import api, errors, metrics
+from vq_jax import api, data, errors, metrics
 
-MODES = ("reconstruct", "encode", "decode", "generate", "inpaint")
-PRIOR_MODES = ("generate", "inpaint")
+MODES = ("reconstruct", "encode", "decode", "generate", "inpaint", "upsample")
+PRIOR_MODES = ("generate", "inpaint", "upsample")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Tokenizer workdir (with checkpoints/).")
-_PRIOR = flags.DEFINE_string("prior_workdir", None, "Prior workdir (generate / inpaint).")
+_PRIOR = flags.DEFINE_string(
+    "prior_workdir", None, "Prior workdir (generate / inpaint / upsample)."
+)
+_SAMPLES = flags.DEFINE_integer(
+    "samples", 1, "Upsampling: samples per input (super-resolution is one-to-many).", lower_bound=1
+)
 _CLASS = flags.DEFINE_integer(
     "class", None, "Class to generate (class-conditional priors).", lower_bound=0
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BOX = flags.DEFINE_list("box", None, "Inpainting box y0,x0,y1,x1 in pixels (split images).")
-_IMAGE = flags.DEFINE_string("image", None, "Inpainting: one image file.")
+_IMAGE = flags.DEFINE_string(
+    "image", None, "Inpainting: one image file; upsampling: one low-resolution image file."
+)
 _MASK = flags.DEFINE_string("mask", None, "Inpainting: mask image (white = fill in).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Override config.sampling.temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Override config.sampling.top_k.")
@@ -120,14 +129,6 @@ def main(argv: list[str]) -> None:
     )
 
 
-def read_png(path: str, shape: tuple[int, int, int]) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        a = np.asarray(im.convert("L" if shape[2] == 1 else "RGB"))
-    return a[..., None] if a.ndim == 2 else a
-
-
 def parse_box(box: list[str], h: int, w: int) -> tuple[int, int, int, int]:
     """--box=y0,x0,y1,x1 as ints inside an h x w image (a box outside it would mask nothing)."""
     try:
@@ -147,6 +148,8 @@ def run_prior(mode: str, prior: api.Prior) -> None:
         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, cfg_scale=_CFG.value
     )
     tok = prior.tokenizer
+    if mode == "upsample":
+        return run_upsample(prior, overrides)
     if mode == "generate":
         num = _NUM.value or 64
         labels = _CLASS.value
@@ -161,11 +164,8 @@ def run_prior(mode: str, prior: api.Prior) -> None:
     if _IMAGE.value:
         if not _MASK.value:
             raise app.UsageError("--image needs --mask=MASK.png (white = fill in)")
-        for flag, path in (("--image", _IMAGE.value), ("--mask", _MASK.value)):
-            if not os.path.isfile(path):
-                raise errors.MissingFileError(f"{flag}={path}: no such file.")
-        originals = read_png(_IMAGE.value, tok.image_shape)[None]
-        mask = read_png(_MASK.value, (h, w, 1))[None, ..., 0] > 127
+        originals = api.read_image(_IMAGE.value, tok.image_shape)[None]
+        mask = api.read_image(_MASK.value, (h, w, 1), "--mask")[None, ..., 0] > 127
         labels = None if _CLASS.value is None else np.array([_CLASS.value])
     else:
         if not _BOX.value or len(_BOX.value) != 4:
@@ -178,8 +178,7 @@ def run_prior(mode: str, prior: api.Prior) -> None:
             originals.append(u8)
             labels.append(lab)
         originals, labels = np.concatenate(originals), np.concatenate(labels)
-        mask = np.zeros((len(originals), h, w), bool)
-        mask[:, y0:y1, x0:x1] = True
+        mask = api.box_mask(len(originals), h, w, (y0, x0, y1, x1))
     if not prior.num_classes:
         labels = None
     completed, tokens, token_mask = prior.inpaint(
@@ -197,6 +196,39 @@ def run_prior(mode: str, prior: api.Prior) -> None:
         tokens=tokens.astype(np.int32),
         token_mask=token_mask,
     )
+
+
+def run_upsample(prior: api.Prior, overrides: dict) -> None:
+    """LR | bicubic | samples | truth (split images) for an image-conditional prior."""
+    if prior.condition != "image":
+        raise errors.UserError(
+            f"--mode=upsample needs an image-conditional prior; {_PRIOR.value} has condition "
+            f"{prior.condition!r} (train one with configs/prior.py:fashion_mnist_sr), or use "
+            "--mode=generate / inpaint."
+        )
+    shape = prior.tokenizer.image_shape
+    if _IMAGE.value:
+        lows = api.read_image(_IMAGE.value, prior.condition_tokenizer.image_shape)[None]
+        truth = None
+    else:
+        pairs = list(
+            api.iterate_condition_pairs(
+                prior, _SPLIT.value, num=_NUM.value or 8, data_dir=_DATA_DIR.value
+            )
+        )
+        lows, truth = (np.concatenate([p[i] for p in pairs]) for i in (0, 1))
+    samples, tokens = prior.upsample(
+        lows, num_samples=_SAMPLES.value, seed=_SEED.value, batch_size=_BATCH.value, **overrides
+    )
+    bicubic = data.upsample_images(lows, shape[:2], "bicubic")
+    columns = [data.upsample_images(lows, shape[:2], "nearest"), bicubic[:, None], samples]
+    arrays = dict(low_res=lows, bicubic=bicubic, samples=samples, tokens=tokens)
+    if truth is not None:
+        columns.append(truth[:, None])
+        arrays["originals"] = truth
+    columns[0] = columns[0][:, None]
+    rows = np.concatenate(columns, axis=1)  # [N, 2 + samples (+ 1), H, W, C]
+    save(_OUT.value, rows.reshape(-1, *shape), rows.shape[1], **arrays)
 
 
 def main_reporting_errors(argv: list[str]) -> None:
