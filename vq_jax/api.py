@@ -352,7 +352,6 @@ class Prior:
         )
         return self.tokenizer.decode(tokens), tokens, token_mask
 
-
     def upsample(
         self,
         lr_images: np.ndarray,

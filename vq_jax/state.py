@@ -263,6 +263,7 @@ def init_state(comps: Components, key: jax.Array, *, ema: bool) -> State:
 
 # --- stage 2: the prior over token grids -------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class PriorComponents:
     """The prior network, its optimizer and the token grids it models (and is conditioned on)."""
