@@ -356,7 +356,8 @@ def _prior_inputs(comps: PriorComponents, batch: dict[str, jax.Array]):
 def make_prior_step(
     comps: PriorComponents, s: PriorSettings, *, skip_nonfinite: bool = False
 ) -> Callable[[State, dict[str, jax.Array], jax.Array], tuple[State, Measurements]]:
-    """`train_step(state, {'tokens': [B, h, w], 'label': [B]}, key) -> (state, measurements)`."""
+    """`train_step(state, {'tokens': [B, h, w], 'label': [B], ['cond': [B, h', w']]}, key) ->
+    (state, measurements)`; 'cond' (the condition tokenizer's grid) for image conditions."""
 
     def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array):
         key = jax.random.fold_in(key, state["step"])
