@@ -221,12 +221,12 @@ def run_upsample(prior: api.Prior, overrides: dict) -> None:
         lows, num_samples=_SAMPLES.value, seed=_SEED.value, batch_size=_BATCH.value, **overrides
     )
     bicubic = data.upsample_images(lows, shape[:2], "bicubic")
-    columns = [data.upsample_images(lows, shape[:2], "nearest"), bicubic[:, None], samples]
+    nearest = data.upsample_images(lows, shape[:2], "nearest")
+    columns = [nearest[:, None], bicubic[:, None], samples]
     arrays = dict(low_res=lows, bicubic=bicubic, samples=samples, tokens=tokens)
     if truth is not None:
         columns.append(truth[:, None])
         arrays["originals"] = truth
-    columns[0] = columns[0][:, None]
     rows = np.concatenate(columns, axis=1)  # [N, 2 + samples (+ 1), H, W, C]
     save(_OUT.value, rows.reshape(-1, *shape), rows.shape[1], **arrays)
 

@@ -273,7 +273,7 @@ class PriorComponents:
     schedule: optax.Schedule
     token_shape: tuple[int, int]
     vocab_size: int
-    kind: str = "autoregressive"  # the key of vq_jax.priors
+    kind: str  # the key of vq_jax.priors (config.prior.kind)
     condition: str = "none"  # none | class | image
     cond_shape: tuple[int, int] | None = None  # image: the condition tokenizer's token grid
     cond_vocab: int = 0  # image: the condition tokenizer's codebook size
