@@ -5,6 +5,7 @@ import os
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from subproc import run_script
@@ -81,6 +82,13 @@ def test_condition_of_keeps_old_configs_meaning():
     assert priors.condition_of({"num_classes": 0, "condition": "image"}) == "image"
     with pytest.raises(errors.UserError, match="condition='depth' is unknown"):
         priors.condition_of({"condition": "depth"})
+    # a config saved before the fields existed builds the class-conditional prior it built then
+    old = prior_configs.get_config("tiny").to_dict()
+    del old["prior"]["condition"], old["condition_tokenizer_workdir"], old["condition_scale"]
+    old = ml_collections.ConfigDict(old)
+    comps = state_lib.build_prior(old, (4, 4), 16)
+    assert comps.condition == "class" and comps.model.num_classes == 10 and comps.cond_len == 0
+    assert api.load_condition_tokenizer(old, tok=None) is None
 
 
 def test_one_schedule_for_training_and_decoding():
