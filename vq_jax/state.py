@@ -17,6 +17,7 @@ State layout (keys absent when unused):
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +28,7 @@ import ml_collections as mlc
 import optax
 
 from vq_jax.errors import MissingFileError, UserError
-from vq_jax.nets import lpips
-from vq_jax.nets import quantizers as quantizers_lib
+from vq_jax.nets import lpips, quantizer_registry
 from vq_jax.nets.autoencoder import downsample_factor
 from vq_jax.nets.discriminator import NLayerDiscriminator
 from vq_jax.nets.transformer import GPT, MaskGITTransformer
@@ -37,7 +37,7 @@ from vq_jax.nets.vqmodel import VQModel
 State = dict[str, Any]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-QUANTIZER_KINDS = ("vq", "ema", "fsq")
+QUANTIZER_KINDS = quantizer_registry.names()
 
 
 def rng_stream(key: jax.Array, name: str) -> jax.Array:
@@ -51,40 +51,92 @@ def _dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def build_quantizer(qc: mlc.ConfigDict, dtype: Any) -> Any:
-    """The quantizer named by config.quantizer.kind."""
-    if qc.kind not in QUANTIZER_KINDS:
+@dataclasses.dataclass(frozen=True)
+class QuantizerSpec:
+    """A quantizer config resolved to plain values: the kind, the shared sizes and the kind's
+    fields (its subsection, or for a workdir written before subsections, the flat fields it
+    used), defaults filled in from the module."""
+
+    kind: str
+    codebook_size: Any
+    embed_dim: Any
+    fields: dict[str, Any]
+
+    def as_config(self) -> dict[str, Any]:
+        """The canonical config form (what decides the quantizer's state): for comparing a
+        workdir's saved config with the current one, whatever layout each was written in."""
+        return {
+            "kind": self.kind,
+            "codebook_size": self.codebook_size,
+            "embed_dim": self.embed_dim,
+            self.kind: dict(self.fields),
+        }
+
+
+def quantizer_spec(qc: Any) -> QuantizerSpec:
+    """Resolves config.quantizer (a ConfigDict or the dict a checkpoint saved) to a spec.
+
+    Today's layout: ``kind``, ``codebook_size``, ``embed_dim`` and one subsection per kind.
+    The flat layout of workdirs written before the registry (one section mixing every kind's
+    fields: beta, decay, levels, init, ...) is read through each kind's ``legacy`` names; its
+    FSQ ignored codebook_size / embed_dim, so they are taken from the levels there.
+    """
+    kind_name = qc["kind"]
+    kind = quantizer_registry.get(kind_name)
+    if kind is None:
         raise UserError(
-            f"config.quantizer.kind={qc.kind!r} is unknown; use one of {QUANTIZER_KINDS}."
+            f"config.quantizer.kind={kind_name!r} is unknown; valid: one of "
+            f"{', '.join(map(repr, quantizer_registry.names()))}; set e.g. "
+            "--config.quantizer.kind=vq."
         )
-    if qc.kind == "fsq":
-        return quantizers_lib.FSQ(levels=tuple(qc.levels), dtype=dtype)
-    if qc.codebook_size < 2:
-        raise UserError(
-            f"config.quantizer.codebook_size={qc.codebook_size} is too small; a codebook needs at "
-            "least 2 entries (typical: 512 to 16384)."
+    fields = kind.defaults()
+    codebook_size, embed_dim = qc.get("codebook_size"), qc.get("embed_dim")
+    sub = qc.get(kind_name)
+    if sub is not None:
+        fields.update({k: v for k, v in dict(sub).items() if k in fields})
+    else:  # a flat, pre-registry config
+        fields.update({new: qc[old] for old, new in kind.legacy.items() if old in qc})
+        if kind_name == "fsq":
+            levels = tuple(fields["levels"])
+            codebook_size, embed_dim = math.prod(levels), len(levels)
+    if not kind.uses_embed_dim:
+        embed_dim = None  # follows from the kind's fields (fsq: len(levels); lfq: bits)
+    return QuantizerSpec(kind_name, codebook_size, embed_dim, fields)
+
+
+def canonical_quantizer_config(qc: dict) -> dict:
+    """`quantizer_spec(qc).as_config()`, or `qc` itself when it names no known kind."""
+    try:
+        return quantizer_spec(qc).as_config()
+    except (UserError, KeyError, TypeError):
+        return qc
+
+
+def quantizer_problems(qc: Any) -> list[str]:
+    """One line per problem of config.quantizer (kind, sizes, the kind's fields), naming the
+    field, its value, what is valid and the flag that fixes it."""
+    try:
+        spec = quantizer_spec(qc)
+    except UserError as e:
+        return [str(e).rstrip(".")]
+    kind = quantizer_registry.get(spec.kind)
+    return [
+        f"config.quantizer.{field}={value!r} is invalid for quantizer.kind={spec.kind!r}; "
+        f"valid: {valid}; set e.g. --config.quantizer.{field}={example}"
+        for field, value, valid, example in kind.check(
+            spec.codebook_size, spec.embed_dim, spec.fields
         )
-    if qc.kind == "ema":
-        return quantizers_lib.EMAVectorQuantizer(
-            codebook_size=qc.codebook_size,
-            embed_dim=qc.embed_dim,
-            beta=qc.beta,
-            decay=qc.decay,
-            epsilon=qc.epsilon,
-            dead_code_threshold=qc.dead_code_threshold,
-            dtype=dtype,
-        )
-    return quantizers_lib.VectorQuantizer(
-        codebook_size=qc.codebook_size,
-        embed_dim=qc.embed_dim,
-        beta=qc.beta,
-        l2_normalize=qc.l2_normalize,
-        lookup_dim=qc.lookup_dim or None,
-        entropy_weight=qc.entropy_weight,
-        entropy_temperature=qc.entropy_temperature,
-        codebook_init=qc.init,
-        dtype=dtype,
-    )
+    ]
+
+
+def build_quantizer(qc: Any, dtype: Any) -> Any:
+    """The quantizer named by config.quantizer.kind (see quantizer_registry)."""
+    found = quantizer_problems(qc)
+    if found:
+        raise UserError(found[0] + ".")
+    spec = quantizer_spec(qc)
+    kind = quantizer_registry.get(spec.kind)
+    return kind.build(spec.codebook_size, spec.embed_dim, spec.fields, dtype)
 
 
 def build_model(config: mlc.ConfigDict) -> VQModel:
@@ -198,14 +250,7 @@ def validate_config(config: mlc.ConfigDict) -> None:
             f"pick a resolution that is a multiple of {factor} or change config.model.ch_mult."
         )
     validate_batch_sizes(config)
-    if config.quantizer.kind == "fsq":
-        levels = tuple(config.quantizer.levels)
-        if not levels or any(int(lv) < 2 for lv in levels):
-            raise UserError(
-                f"config.quantizer.levels={levels} is invalid: FSQ needs at least one level and "
-                "each level >= 2 (e.g. (8, 5, 5, 5))."
-            )
-    build_quantizer(config.quantizer, jnp.float32)  # raises on bad kind / codebook size
+    build_quantizer(config.quantizer, jnp.float32)  # raises on bad kind / sizes / fields
 
 
 def _lpips_params(path: str) -> dict:

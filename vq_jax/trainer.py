@@ -63,6 +63,14 @@ def _lookup(d: dict, path: str) -> Any:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys of STATE_DEFINING config entries that differ between two config dicts."""
     diffs = []
+    # The quantizer section compares in its canonical form: the kind, its sizes and its own
+    # fields only, whichever layout (flat, pre-registry, or per-kind subsections) each has.
+    saved, current = (
+        {**d, "quantizer": state_lib.canonical_quantizer_config(d["quantizer"])}
+        if isinstance(d.get("quantizer"), dict) and "kind" in d["quantizer"]
+        else d
+        for d in (saved, current)
+    )
     for path in STATE_DEFINING:
         a, b = _flatten(_lookup(saved, path), path), _flatten(_lookup(current, path), path)
         added = {k: v for k, v in ADDED_DEFAULTS.items() if k.startswith(path + ".")}
