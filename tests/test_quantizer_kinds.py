@@ -66,7 +66,7 @@ def test_every_kind_implements_the_interface(q, index_shape):
 def test_result_names_read_the_aux_dict():
     res = QuantizerResult(indices=jnp.zeros(3, jnp.int32), loss=jnp.float32(1), aux={"a": 2.0})
     assert res.a == 2.0
-    with pytest.raises(AttributeError, match="'b'.*\\['a'\\]"):
+    with pytest.raises(AttributeError, match=r"'b'.*\['a'\]"):
         _ = res.b
 
 
@@ -113,7 +113,8 @@ def test_lfq_straight_through_gradient_and_lookup_roundtrip():
 
 def test_lfq_entropy_is_over_the_global_batch_under_shard_map():
     """Per-device halves under shard_map with axis_name give the global codebook entropy."""
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
     devices = np.array(jax.devices()[:2])
     if len(devices) < 2:
@@ -147,7 +148,9 @@ def test_rvq_stages_match_numpy(shared):
     variables = q.init({"params": jax.random.key(1)}, z)
     z_q, res = q.apply(variables, z)
     p = variables["params"]
-    books = [np.asarray(p["codebook"] if shared else p["codebooks"][s], np.float64) for s in range(3)]
+    books = [
+        np.asarray(p["codebook"] if shared else p["codebooks"][s], np.float64) for s in range(3)
+    ]
     if not shared:
         assert not np.allclose(books[0], books[1])
     r = np.asarray(z, np.float64).reshape(-1, 4)
@@ -246,9 +249,9 @@ def test_ibq_forward_and_codebook_gradient_match_numpy():
     a = g @ codes.T
     ds = s * (a - (s * a).sum(-1, keepdims=True))
     expected = onehot.T @ g + ds.T @ zn / temp
-    grad = jax.grad(
-        lambda p: jnp.sum(q.apply({"params": p}, z)[0] * jnp.asarray(g, jnp.float32))
-    )(variables["params"])["codebook"]
+    grad = jax.grad(lambda p: jnp.sum(q.apply({"params": p}, z)[0] * jnp.asarray(g, jnp.float32)))(
+        variables["params"]
+    )["codebook"]
     np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
     assert np.all(np.abs(np.asarray(grad)).sum(-1) > 0)  # every code gets gradient
 
@@ -256,12 +259,14 @@ def test_ibq_forward_and_codebook_gradient_match_numpy():
 # --- blocked nearest-code search ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k, block", [(100, 7), (64, 64), (50, 128), (4097, 1024)])
-def test_blocked_search_matches_exhaustive(k, block):
+@pytest.mark.parametrize(
+    "k, block, rows", [(100, 7, 300), (64, 64, 7), (50, 128, 64), (4097, 1024, 128)]
+)
+def test_blocked_search_matches_exhaustive(k, block, rows):
     x = _z((300, 5), seed=k)
     codes = _z((k, 5), seed=k + 1)
     exhaustive = quantizers.exhaustive_nearest_code(x, codes)
-    blocked = jax.jit(quantizers.blocked_nearest_code, static_argnums=2)(x, codes, block)
+    blocked = jax.jit(quantizers.blocked_nearest_code, static_argnums=(2, 3))(x, codes, block, rows)
     np.testing.assert_array_equal(blocked, exhaustive)
     np.testing.assert_array_equal(blocked, _np_nearest(x, codes))
 
@@ -273,8 +278,8 @@ def test_blocked_search_breaks_ties_like_argmin():
     codes = np.concatenate([base, base, base[::-1], base])  # every code 3-4 times
     x = jnp.asarray(rng.integers(-3, 4, size=(200, 3)), jnp.float32)
     exhaustive = np.asarray(quantizers.exhaustive_nearest_code(x, jnp.asarray(codes)))
-    for block in (1, 3, 10, 16, 40):
-        blocked = quantizers.blocked_nearest_code(x, jnp.asarray(codes), block)
+    for block, rows in ((1, 200), (3, 7), (10, 64), (16, 1), (40, 33)):
+        blocked = quantizers.blocked_nearest_code(x, jnp.asarray(codes), block, rows)
         np.testing.assert_array_equal(blocked, exhaustive, err_msg=f"block={block}")
     d = ((np.asarray(x)[:, None] - codes[None]) ** 2).sum(-1)
     first_min = np.array([np.flatnonzero(row == row.min())[0] for row in d])
@@ -330,8 +335,7 @@ def test_kinds_on_a_sharded_batch_match_single_device():
     z = _z((len(devices) * 4, 3, 3), seed=12)
     for q in (LFQ(bits=3, entropy_temperature=0.5), ResidualVQ(8, 3, depth=2), IBQ(8, 3)):
         variables = q.init({"params": jax.random.key(0)}, z)
-        fn = jax.jit(lambda v, z: q.apply(v, z)[1])
+        fn = jax.jit(lambda v, z, q=q: q.apply(v, z)[1])
         ref = fn(variables, z)
         out = fn(variables, jax.device_put(z, sharding))
         chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
-

@@ -317,7 +317,7 @@ class PriorComponents:
     model: GPT | MaskGITTransformer
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    token_shape: tuple[int, int]
+    token_shape: tuple[int, ...]  # (h, w) or (h, w, depth); flattened row-major (depth fastest)
     vocab_size: int
 
     @property
@@ -326,16 +326,21 @@ class PriorComponents:
 
 
 def build_prior(
-    config: mlc.ConfigDict, token_shape: tuple[int, int], vocab_size: int
+    config: mlc.ConfigDict, token_shape: tuple[int, ...], vocab_size: int
 ) -> PriorComponents:
-    """The prior of config.prior over token grids of `token_shape` with `vocab_size` codes."""
+    """The prior of config.prior over token grids of `token_shape` with `vocab_size` codes.
+
+    The sequence is the grid flattened row-major: raster order over positions and, for a
+    tokenizer with a depth axis (residual VQ), its stages fastest: (0,0,d0), (0,0,d1), ...,
+    (0,1,d0), ...; so an autoregressive prior predicts stage s of a position after its stages
+    before s, and all stages of the positions before it."""
     pc = config.prior
     if pc.kind not in PRIOR_KINDS:
         raise UserError(f"config.prior.kind={pc.kind!r} is unknown; use one of {PRIOR_KINDS}.")
     cls = GPT if pc.kind == "autoregressive" else MaskGITTransformer
     model = cls(
         vocab_size=vocab_size,
-        seq_len=token_shape[0] * token_shape[1],
+        seq_len=math.prod(token_shape),
         num_classes=pc.num_classes,
         num_layers=pc.num_layers,
         num_heads=pc.num_heads,
@@ -350,7 +355,7 @@ def build_prior(
 
 def init_prior_state(comps: PriorComponents, key: jax.Array) -> State:
     """Initial prior state: {'step', 'params', 'opt_state'} (pure)."""
-    seq_len = comps.token_shape[0] * comps.token_shape[1]
+    seq_len = math.prod(comps.token_shape)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     labels = jnp.zeros((1,), jnp.int32) if comps.model.num_classes else None
     params = comps.model.init({"params": rng_stream(key, "prior_params")}, tokens, labels)["params"]

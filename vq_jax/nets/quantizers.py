@@ -189,8 +189,10 @@ def squared_distances(x: Array, codebook: Array) -> Array:
 
 BLOCKED_SEARCH_ABOVE = 4096
 """Codebooks with more codes than this are searched in blocks (:func:`nearest_code`)."""
-SEARCH_BLOCK = 1024
-"""Codes per block of the blocked search: the scratch is [N, SEARCH_BLOCK] floats."""
+SEARCH_BLOCK = 2048
+"""Codes per block of the blocked search."""
+SEARCH_ROWS = 128
+"""Vectors per tile of the blocked search: the scratch is [SEARCH_ROWS, SEARCH_BLOCK] floats."""
 
 
 def exhaustive_nearest_code(x: Array, codebook: Array) -> Array:
@@ -198,42 +200,54 @@ def exhaustive_nearest_code(x: Array, codebook: Array) -> Array:
     return jnp.argmin(squared_distances(x, codebook), axis=-1).astype(jnp.int32)
 
 
-def blocked_nearest_code(x: Array, codebook: Array, block: int = SEARCH_BLOCK) -> Array:
-    """The same indices as :func:`exhaustive_nearest_code`, in O(N * block) scratch.
+def blocked_nearest_code(
+    x: Array, codebook: Array, block: int = SEARCH_BLOCK, rows: int = SEARCH_ROWS
+) -> Array:
+    """The same indices as :func:`exhaustive_nearest_code`, in O(rows * block) scratch.
 
-    A scan over blocks of ``block`` codes keeps the running minimum distance and its index; a
-    block replaces it only when strictly smaller, and argmin inside a block takes the first
-    minimum, so ties go to the lowest index, as with one argmin. Each distance is the same
-    float32 expression as in :func:`squared_distances`. The codebook is padded to a multiple of
-    ``block`` with codes at infinite distance.
+    Tiles of ``rows`` vectors (a sequential map) each scan the codebook in blocks of ``block``
+    codes, keeping the running minimum distance and its index; a block replaces it only when
+    strictly smaller, and argmin inside a block takes the first minimum, so ties go to the lowest
+    index, as with one argmin. Each distance is the same float32 expression as in
+    :func:`squared_distances`. The codebook is padded to a multiple of ``block`` with codes at
+    infinite distance, x to a multiple of ``rows`` with zero rows (dropped from the result).
+    The tile of distances stays small enough for the CPU caches, which is where the speed over
+    the exhaustive search comes from (BENCHMARKS.md section 3).
     """
     x = jax.lax.stop_gradient(x.astype(jnp.float32))
     codebook = jax.lax.stop_gradient(codebook.astype(jnp.float32))
     k, d = codebook.shape
+    n = x.shape[0]
     block = max(1, min(int(block), k))
-    num_blocks = -(-k // block)
-    pad = num_blocks * block - k
+    rows = max(1, min(int(rows), n))
+    num_blocks, num_tiles = -(-k // block), -(-n // rows)
     code_sq = jnp.sum(jnp.square(codebook), axis=-1)
+    pad = num_blocks * block - k
     if pad:
         codebook = jnp.concatenate([codebook, jnp.zeros((pad, d), codebook.dtype)])
         code_sq = jnp.concatenate([code_sq, jnp.full((pad,), jnp.inf, code_sq.dtype)])
-    x_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-
-    def body(carry, xs):
-        best_d, best_i = carry
-        codes, sq, start = xs
-        dist = x_sq - 2.0 * jnp.matmul(x, codes.T, precision=_HIGHEST) + sq[None, :]
-        i = jnp.argmin(dist, axis=-1).astype(jnp.int32)
-        m = jnp.take_along_axis(dist, i[:, None], axis=-1)[:, 0]
-        better = m < best_d
-        return (jnp.where(better, m, best_d), jnp.where(better, i + start, best_i)), None
-
-    n = x.shape[0]
-    init = (jnp.full((n,), jnp.inf, jnp.float32), jnp.zeros((n,), jnp.int32))
+    if num_tiles * rows - n:
+        x = jnp.concatenate([x, jnp.zeros((num_tiles * rows - n, d), x.dtype)])
     starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
-    xs = (codebook.reshape(num_blocks, block, d), code_sq.reshape(num_blocks, block), starts)
-    (_, best_i), _ = jax.lax.scan(body, init, xs)
-    return best_i
+    blocks = (codebook.reshape(num_blocks, block, d), code_sq.reshape(num_blocks, block), starts)
+
+    def search_tile(xt: Array) -> Array:
+        x_sq = jnp.sum(jnp.square(xt), axis=-1, keepdims=True)
+
+        def body(carry, xs):
+            best_d, best_i = carry
+            codes, sq, start = xs
+            dist = x_sq - 2.0 * jnp.matmul(xt, codes.T, precision=_HIGHEST) + sq[None, :]
+            i = jnp.argmin(dist, axis=-1).astype(jnp.int32)
+            m = jnp.take_along_axis(dist, i[:, None], axis=-1)[:, 0]
+            better = m < best_d
+            return (jnp.where(better, m, best_d), jnp.where(better, i + start, best_i)), None
+
+        init = (jnp.full((rows,), jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.int32))
+        (_, best_i), _ = jax.lax.scan(body, init, blocks)
+        return best_i
+
+    return jax.lax.map(search_tile, x.reshape(num_tiles, rows, d)).reshape(-1)[:n]
 
 
 def nearest_code(x: Array, codebook: Array, *, blocked: bool | None = None) -> Array:
@@ -348,6 +362,8 @@ class VectorQuantizer(nn.Module):
     entropy_temperature: float = 0.01
     codebook_init: str = "uniform"
     usage_decay: float = 0.99
+    search: str = "auto"  # nearest-code search: auto (blocked above BLOCKED_SEARCH_ABOVE codes),
+    # blocked or exhaustive; the same indices either way
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -356,6 +372,10 @@ class VectorQuantizer(nn.Module):
         _check_positive_int(type(self).__name__, "embed_dim", self.embed_dim)
         if self.lookup_dim is not None:
             _check_positive_int(type(self).__name__, "lookup_dim", self.lookup_dim)
+        if self.search not in ("auto", "blocked", "exhaustive"):
+            raise ValueError(
+                f"VectorQuantizer: search={self.search!r}; use 'auto', 'blocked' or 'exhaustive'."
+            )
         if self.codebook_init not in _CODEBOOK_INITS:
             raise ValueError(
                 f"VectorQuantizer: unknown codebook_init {self.codebook_init!r}; use one of "
@@ -421,7 +441,8 @@ class VectorQuantizer(nn.Module):
             indices = jnp.argmin(distances, axis=-1).astype(jnp.int32)
             entropy_loss = entropy_regularizer(distances, self.entropy_temperature)
         else:
-            indices = nearest_code(x, codes)
+            blocked = {"auto": None, "blocked": True, "exhaustive": False}[self.search]
+            indices = nearest_code(x, codes, blocked=blocked)
             entropy_loss = _zero()
         e = jnp.take(codes, indices, axis=0)
 
