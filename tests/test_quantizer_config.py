@@ -172,3 +172,20 @@ def test_new_kinds_train_with_the_tiny_config(kind, tmp_path):
     depth = (config.quantizer.rvq.depth,) if kind == "rvq" else ()
     assert tokens.shape == (2, 8, 8, *depth)
     np.testing.assert_array_equal(tok.encode(tok.decode(tokens)).shape, tokens.shape)
+
+
+def test_step_reports_every_quantizer_measurement():
+    """The train step logs the quantizer's whole aux dict: EMA's dead-code restarts (counted by
+    an independent recount of dead codes) and the per-kind losses."""
+    from vq_jax import steps as steps_lib
+
+    config = vqvae.get_config("tiny")
+    config.quantizer.ema.dead_code_threshold = 1e6  # every code restarts at the first step
+    comps = state_lib.build(config)
+    state = state_lib.init_state(comps, jax.random.key(0), ema=False)
+    step = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))
+    x = jax.random.uniform(jax.random.key(1), (8, 16, 16, 1), minval=-1.0, maxval=1.0)
+    new_state, m = step(state, {"image": x, "label": np.zeros(8, np.int32)}, jax.random.key(2))
+    assert {"quant_loss", "commitment_loss", "perplexity", "usage", "num_restarted"} <= set(m)
+    cluster = new_state["model_state"]["vq_stats"]["quantizer"]["cluster_size"]
+    assert float(m["num_restarted"]) == 32 == int(np.sum(np.asarray(cluster) == 1e6))
