@@ -339,3 +339,16 @@ def test_kinds_on_a_sharded_batch_match_single_device():
         ref = fn(variables, z)
         out = fn(variables, jax.device_put(z, sharding))
         chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_code_sums_match_numpy_without_an_n_by_k_one_hot():
+    k, n, d = quantizers.BLOCKED_SEARCH_ABOVE * 4 + 5, 512, 3
+    x = _z((n, d), seed=13)
+    idx = jnp.asarray(np.random.default_rng(0).integers(0, k, n), jnp.int32)
+    expected = np.zeros((k, d))
+    np.add.at(expected, np.asarray(idx), np.asarray(x, np.float64))
+    sums = jax.jit(quantizers.code_sums, static_argnums=2)
+    np.testing.assert_allclose(sums(x, idx, k), expected, rtol=1e-6, atol=1e-6)
+    mem = sums.lower(x, idx, k).compile().memory_analysis()
+    if mem is not None:
+        assert mem.temp_size_in_bytes < n * k * 4 / 4

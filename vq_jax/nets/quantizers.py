@@ -262,6 +262,28 @@ def nearest_code(x: Array, codebook: Array, *, blocked: bool | None = None) -> A
     return exhaustive_nearest_code(x, codebook)
 
 
+def code_sums(x: Array, indices: Array, codebook_size: int, block: int = SEARCH_BLOCK) -> Array:
+    """sum_{n: indices_n = k} x_n for every code k -> [codebook_size, D] (float32).
+
+    A one-hot matmul (deterministic, unlike a scatter-add on accelerators); above
+    ``BLOCKED_SEARCH_ABOVE`` codes one block of ``block`` codes at a time, so the one-hot
+    scratch is [N, block], not [N, K].
+    """
+    x = x.astype(jnp.float32)
+    if codebook_size <= BLOCKED_SEARCH_ABOVE:
+        onehot = jax.nn.one_hot(indices, codebook_size, dtype=jnp.float32)
+        return jnp.matmul(onehot.T, x, precision=_HIGHEST)
+    num_blocks = -(-codebook_size // block)
+
+    def one_block(start: Array) -> Array:
+        onehot = jax.nn.one_hot(indices - start, block, dtype=jnp.float32)  # out of range: 0
+        return jnp.matmul(onehot.T, x, precision=_HIGHEST)
+
+    starts = jnp.arange(num_blocks, dtype=indices.dtype) * block
+    sums = jax.lax.map(one_block, starts).reshape(num_blocks * block, x.shape[-1])
+    return sums[:codebook_size]
+
+
 def code_histogram(indices: Array, codebook_size: int) -> Array:
     """Float32 count of each code index in ``indices`` (any shape) -> [codebook_size]."""
     return jnp.bincount(indices.reshape(-1), length=codebook_size).astype(jnp.float32)
@@ -583,10 +605,7 @@ class EMAVectorQuantizer(nn.Module):
     def _update(self, flat: Array, indices: Array, counts: Array) -> Array:
         """The EMA update of the codebook statistics; returns the number of restarted codes."""
         k = self.codebook_size
-        onehot = jax.nn.one_hot(indices, k, dtype=jnp.float32)
-        embed_batch = jnp.matmul(
-            onehot.T, flat, precision=_HIGHEST
-        )  # deterministic, unlike scatter
+        embed_batch = code_sums(flat, indices, k)
         if self.axis_name is not None:
             embed_batch = jax.lax.psum(embed_batch, self.axis_name)
         d = self.decay
