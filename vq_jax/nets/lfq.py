@@ -65,7 +65,10 @@ def lfq_entropy_terms(
     sample_entropy = jnp.mean(jnp.sum(per_bit, axis=-1))
     # log p_n(c) = sum_i [bit_i(c) log p1 + (1 - bit_i(c)) log p0]: [N, bits] x [bits, K].
     code_bits = (lfq_indices_to_codes(jnp.arange(2**bits), bits) > 0).astype(jnp.float32)
-    log_probs = log_p1 @ code_bits.T + log_p0 @ (1.0 - code_bits).T
+    hi = jax.lax.Precision.HIGHEST  # float32 on accelerators too (no TF32 / bf16 passes)
+    log_probs = jnp.matmul(log_p1, code_bits.T, precision=hi) + jnp.matmul(
+        log_p0, (1.0 - code_bits).T, precision=hi
+    )
     avg_probs = jnp.mean(jnp.exp(log_probs), axis=0)
     if axis_name is not None:
         avg_probs = jax.lax.pmean(avg_probs, axis_name)
