@@ -18,6 +18,8 @@ unknown keys are rejected.
 
 import ml_collections as mlc
 
+from vq_jax.nets import quantizer_registry
+
 VARIANTS = ("default", "fashion_mnist", "fashion_mnist_lr8", "taming_cpu", "tiny", "tiny_lr")
 
 
@@ -88,21 +90,17 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         )
     )
 
+    # kind, the shared sizes, and one subsection per kind with the module's defaults
+    # (vq_jax/nets/quantizer_registry.py); only the subsection of `kind` is read, e.g.
+    # --config.quantizer.kind=rvq --config.quantizer.rvq.depth=4. embed_dim is the code width of
+    # the codebook kinds (vq, ema, rvq, simvq, ibq); fsq uses len(fsq.levels) and needs
+    # codebook_size = prod(levels); lfq uses log2(codebook_size) bits (a power of two).
     c.quantizer = mlc.ConfigDict(
         dict(
-            kind="vq",  # vq | ema | fsq
+            kind="vq",  # one of quantizer_registry.names(): vq ema fsq lfq rvq simvq ibq
             codebook_size=16384,
             embed_dim=256,
-            beta=0.25,  # weight of the commitment term
-            l2_normalize=False,
-            lookup_dim=0,  # > 0: factorised low-dimensional lookup (ViT-VQGAN)
-            entropy_weight=0.0,
-            entropy_temperature=0.01,
-            init="uniform",
-            decay=0.99,  # ema
-            epsilon=1e-5,  # ema
-            dead_code_threshold=0.0,  # ema: restart codes whose EMA usage falls below this
-            levels=(8, 5, 5, 5),  # fsq
+            **quantizer_registry.config_sections(),
         )
     )
 
@@ -165,9 +163,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             num_groups=8,
             dtype="float32",
         )
-        c.quantizer.update(
-            kind="ema", codebook_size=512, embed_dim=32, dead_code_threshold=1.0, decay=0.99
-        )
+        c.quantizer.update(kind="ema", codebook_size=512, embed_dim=32)
+        c.quantizer.ema.update(dead_code_threshold=1.0, decay=0.99)
         c.optimizer.generator = _optimizer(1e-3, b1=0.9, b2=0.99)
         c.optimizer.generator.update(warmup_steps=200, schedule="cosine")
         c.train.update(
@@ -211,7 +208,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             num_groups=4,
             dtype="float32",
         )
-        c.quantizer.update(kind="ema", codebook_size=32, embed_dim=8, dead_code_threshold=0.5)
+        c.quantizer.update(kind="ema", codebook_size=32, embed_dim=8)
+        c.quantizer.ema.update(dead_code_threshold=0.5)
         c.optimizer.generator = _optimizer(1e-3, b1=0.9, b2=0.99)
         c.train.update(
             steps=4,

@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
         f"wrote {_WORKDIR.value}: {_SOURCE.value} tokenizer, ch {m.ch} x {tuple(m.ch_mult)}, "
         f"{m.num_res_blocks} res blocks, attention at levels {tuple(m.attn_levels)}, "
         f"{q.codebook_size} codes of dim {q.embed_dim}"
-        f"{' (l2-normalised)' if q.l2_normalize else ''}, {config.input.resolution}x"
+        f"{' (l2-normalised)' if q.vq.l2_normalize else ''}, {config.input.resolution}x"
         f"{config.input.resolution}x{config.input.channels} images, compute {m.dtype}"
     )
     if lpips_path:

@@ -87,7 +87,7 @@ def test_taming_checkpoint_needs_the_stub_unpickler(taming_run):
 def test_taming_parity(taming_run):
     model, _, _, workdir = taming_run
     tok, images = assert_parity(model, workdir, 32)
-    assert tok.config.model.attn_levels == [1] and tok.config.quantizer.l2_normalize is False
+    assert tok.config.model.attn_levels == [1] and tok.config.quantizer.vq.l2_normalize is False
     recon = tok.reconstruct(images)
     assert recon.shape == images.shape and recon.dtype == np.uint8
 
@@ -95,7 +95,7 @@ def test_taming_parity(taming_run):
 def test_llamagen_parity(llamagen_run):
     model, _, workdir = llamagen_run
     tok, _ = assert_parity(model, workdir, 16, seed=1)
-    assert tok.config.model.attn_levels == [1] and tok.config.quantizer.l2_normalize is True
+    assert tok.config.model.attn_levels == [1] and tok.config.quantizer.vq.l2_normalize is True
     assert tok.codebook_size == tt.LLAMAGEN_CODES[0]
 
 

@@ -229,7 +229,8 @@ def test_codebook_too_small(tmp_path):
 
 def test_fsq_levels_invalid(tmp_path):
     config = _tiny()
-    config.quantizer.update(kind="fsq", levels=(8, 1))
+    config.quantizer.kind = "fsq"
+    config.quantizer.fsq.levels = (8, 1)
     _raises(config, r"levels", tmp_path)
 
 
@@ -240,8 +241,8 @@ def test_workdir_of_another_model_config_is_refused(tmp_path):
     config.model.ch = 16
     _raises(config, r"different model config \(model.ch: 8 -> 16\)", workdir)
     config = _tiny(steps=4)
-    config.quantizer.beta = 0.5  # same shapes: resumable when explicitly allowed
-    _raises(config, r"quantizer.beta: 0.25 -> 0.5", workdir)
+    config.quantizer.ema.beta = 0.5  # same shapes: resumable when explicitly allowed
+    _raises(config, r"quantizer.ema.beta: 0.25 -> 0.5", workdir)
     config.train.allow_config_change = True
     trainer.train(config, workdir)
     assert _params(workdir)[0] == 4

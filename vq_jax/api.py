@@ -122,9 +122,11 @@ class Tokenizer:
         return 2 ** (len(self.config.model.ch_mult) - 1)
 
     @property
-    def token_shape(self) -> tuple[int, int]:
+    def token_shape(self) -> tuple[int, ...]:
+        """The tokens of one image: (h, w), or (h, w, depth) for residual VQ."""
         f = self.downsample_factor
-        return (self.image_shape[0] // f, self.image_shape[1] // f)
+        index_shape = tuple(getattr(self.model.quantizer, "index_shape", ()))
+        return (self.image_shape[0] // f, self.image_shape[1] // f, *index_shape)
 
     def _variables(self) -> dict:
         return {"params": self.params, **self.model_state}
@@ -158,16 +160,16 @@ class Tokenizer:
         )
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N,H,W,C] (or float in [-1, 1]) -> int32 token grids [N, h, w]."""
+        """uint8 [N,H,W,C] (or float in [-1, 1]) -> int32 token grids [N, *token_shape]."""
         return np.asarray(self._encode(self._variables(), self.as_float(images)))
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """int32 token grids [N, h, w] -> uint8 images [N, H, W, C]."""
+        """int32 token grids [N, *token_shape] -> uint8 images [N, H, W, C]."""
         tokens = np.asarray(tokens)
-        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != self.token_shape:
+        if tokens.ndim != 1 + len(self.token_shape) or tuple(tokens.shape[1:]) != self.token_shape:
             raise UserError(
-                f"tokens have shape {tokens.shape} but this tokenizer decodes [N, "
-                f"{self.token_shape[0]}, {self.token_shape[1]}] grids."
+                f"tokens have shape {tokens.shape} but this tokenizer decodes "
+                f"[N, {', '.join(map(str, self.token_shape))}] grids."
             )
         size = self.codebook_size
         if tokens.size and (tokens.min() < 0 or tokens.max() >= size):
@@ -287,8 +289,10 @@ class Prior:
         cond_tokens=None,
         **overrides,
     ) -> np.ndarray:
-        """Token grids [num, h, w]; `known_*` ([num, h, w]) are kept fixed (inpainting);
-        `cond_tokens` ([num, h', w'], image-conditional priors) are the condition tokenizer's."""
+        """Token grids [num, *token_shape]; `known_*` (same shape) are kept fixed (inpainting);
+        `cond_tokens` ([num, *cond_shape], image-conditional priors) are the condition
+        tokenizer's. Grids with a depth axis are sampled as one sequence, raster order with depth
+        fastest."""
         from vq_jax import priors  # deferred: only generation needs the samplers
 
         sc = self.config.sampling.copy_and_resolve_references()
@@ -342,6 +346,8 @@ class Prior:
             )
         known = self.tokenizer.encode(images)
         token_mask = token_mask_from_pixels(pixel_mask, self.tokenizer.downsample_factor)
+        if known.ndim > 3:  # a depth axis: every stage of a masked position is resampled
+            token_mask = np.broadcast_to(token_mask[..., None], known.shape)
         tokens = self.sample_tokens(
             len(images),
             labels=labels,

@@ -17,6 +17,7 @@ State layout (keys absent when unused):
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +29,7 @@ import optax
 
 from vq_jax import priors
 from vq_jax.errors import MissingFileError, UserError
-from vq_jax.nets import lpips
-from vq_jax.nets import quantizers as quantizers_lib
+from vq_jax.nets import lpips, quantizer_registry
 from vq_jax.nets.autoencoder import downsample_factor
 from vq_jax.nets.discriminator import NLayerDiscriminator
 from vq_jax.nets.transformer import GPT, MaskGITTransformer
@@ -38,7 +38,7 @@ from vq_jax.nets.vqmodel import VQModel
 State = dict[str, Any]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-QUANTIZER_KINDS = ("vq", "ema", "fsq")
+QUANTIZER_KINDS = quantizer_registry.names()
 
 
 def rng_stream(key: jax.Array, name: str) -> jax.Array:
@@ -52,40 +52,92 @@ def _dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def build_quantizer(qc: mlc.ConfigDict, dtype: Any) -> Any:
-    """The quantizer named by config.quantizer.kind."""
-    if qc.kind not in QUANTIZER_KINDS:
+@dataclasses.dataclass(frozen=True)
+class QuantizerSpec:
+    """A quantizer config resolved to plain values: the kind, the shared sizes and the kind's
+    fields (its subsection, or for a workdir written before subsections, the flat fields it
+    used), defaults filled in from the module."""
+
+    kind: str
+    codebook_size: Any
+    embed_dim: Any
+    fields: dict[str, Any]
+
+    def as_config(self) -> dict[str, Any]:
+        """The canonical config form (what decides the quantizer's state): for comparing a
+        workdir's saved config with the current one, whatever layout each was written in."""
+        return {
+            "kind": self.kind,
+            "codebook_size": self.codebook_size,
+            "embed_dim": self.embed_dim,
+            self.kind: dict(self.fields),
+        }
+
+
+def quantizer_spec(qc: Any) -> QuantizerSpec:
+    """Resolves config.quantizer (a ConfigDict or the dict a checkpoint saved) to a spec.
+
+    Today's layout: ``kind``, ``codebook_size``, ``embed_dim`` and one subsection per kind.
+    The flat layout of workdirs written before the registry (one section mixing every kind's
+    fields: beta, decay, levels, init, ...) is read through each kind's ``legacy`` names; its
+    FSQ ignored codebook_size / embed_dim, so they are taken from the levels there.
+    """
+    kind_name = qc["kind"]
+    kind = quantizer_registry.get(kind_name)
+    if kind is None:
         raise UserError(
-            f"config.quantizer.kind={qc.kind!r} is unknown; use one of {QUANTIZER_KINDS}."
+            f"config.quantizer.kind={kind_name!r} is unknown; valid: one of "
+            f"{', '.join(map(repr, quantizer_registry.names()))}; set e.g. "
+            "--config.quantizer.kind=vq."
         )
-    if qc.kind == "fsq":
-        return quantizers_lib.FSQ(levels=tuple(qc.levels), dtype=dtype)
-    if qc.codebook_size < 2:
-        raise UserError(
-            f"config.quantizer.codebook_size={qc.codebook_size} is too small; a codebook needs at "
-            "least 2 entries (typical: 512 to 16384)."
+    fields = kind.defaults()
+    codebook_size, embed_dim = qc.get("codebook_size"), qc.get("embed_dim")
+    sub = qc.get(kind_name)
+    if sub is not None:
+        fields.update({k: v for k, v in dict(sub).items() if k in fields})
+    else:  # a flat, pre-registry config
+        fields.update({new: qc[old] for old, new in kind.legacy.items() if old in qc})
+        if kind_name == "fsq":
+            levels = tuple(fields["levels"])
+            codebook_size, embed_dim = math.prod(levels), len(levels)
+    if not kind.uses_embed_dim:
+        embed_dim = None  # follows from the kind's fields (fsq: len(levels); lfq: bits)
+    return QuantizerSpec(kind_name, codebook_size, embed_dim, fields)
+
+
+def canonical_quantizer_config(qc: dict) -> dict:
+    """`quantizer_spec(qc).as_config()`, or `qc` itself when it names no known kind."""
+    try:
+        return quantizer_spec(qc).as_config()
+    except (UserError, KeyError, TypeError):
+        return qc
+
+
+def quantizer_problems(qc: Any) -> list[str]:
+    """One line per problem of config.quantizer (kind, sizes, the kind's fields), naming the
+    field, its value, what is valid and the flag that fixes it."""
+    try:
+        spec = quantizer_spec(qc)
+    except UserError as e:
+        return [str(e).rstrip(".")]
+    kind = quantizer_registry.get(spec.kind)
+    return [
+        f"config.quantizer.{field}={value!r} is invalid for quantizer.kind={spec.kind!r}; "
+        f"valid: {valid}; set e.g. --config.quantizer.{field}={example}"
+        for field, value, valid, example in kind.check(
+            spec.codebook_size, spec.embed_dim, spec.fields
         )
-    if qc.kind == "ema":
-        return quantizers_lib.EMAVectorQuantizer(
-            codebook_size=qc.codebook_size,
-            embed_dim=qc.embed_dim,
-            beta=qc.beta,
-            decay=qc.decay,
-            epsilon=qc.epsilon,
-            dead_code_threshold=qc.dead_code_threshold,
-            dtype=dtype,
-        )
-    return quantizers_lib.VectorQuantizer(
-        codebook_size=qc.codebook_size,
-        embed_dim=qc.embed_dim,
-        beta=qc.beta,
-        l2_normalize=qc.l2_normalize,
-        lookup_dim=qc.lookup_dim or None,
-        entropy_weight=qc.entropy_weight,
-        entropy_temperature=qc.entropy_temperature,
-        codebook_init=qc.init,
-        dtype=dtype,
-    )
+    ]
+
+
+def build_quantizer(qc: Any, dtype: Any) -> Any:
+    """The quantizer named by config.quantizer.kind (see quantizer_registry)."""
+    found = quantizer_problems(qc)
+    if found:
+        raise UserError(found[0] + ".")
+    spec = quantizer_spec(qc)
+    kind = quantizer_registry.get(spec.kind)
+    return kind.build(spec.codebook_size, spec.embed_dim, spec.fields, dtype)
 
 
 def build_model(config: mlc.ConfigDict) -> VQModel:
@@ -199,14 +251,7 @@ def validate_config(config: mlc.ConfigDict) -> None:
             f"pick a resolution that is a multiple of {factor} or change config.model.ch_mult."
         )
     validate_batch_sizes(config)
-    if config.quantizer.kind == "fsq":
-        levels = tuple(config.quantizer.levels)
-        if not levels or any(int(lv) < 2 for lv in levels):
-            raise UserError(
-                f"config.quantizer.levels={levels} is invalid: FSQ needs at least one level and "
-                "each level >= 2 (e.g. (8, 5, 5, 5))."
-            )
-    build_quantizer(config.quantizer, jnp.float32)  # raises on bad kind / codebook size
+    build_quantizer(config.quantizer, jnp.float32)  # raises on bad kind / sizes / fields
 
 
 def _lpips_params(path: str) -> dict:
@@ -271,27 +316,32 @@ class PriorComponents:
     model: GPT | MaskGITTransformer
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    token_shape: tuple[int, int]
+    token_shape: tuple[int, ...]  # (h, w) or (h, w, depth); flattened row-major (depth fastest)
     vocab_size: int
     kind: str  # the key of vq_jax.priors (config.prior.kind)
     condition: str = "none"  # none | class | image
-    cond_shape: tuple[int, int] | None = None  # image: the condition tokenizer's token grid
+    cond_shape: tuple[int, ...] | None = None  # image: the condition tokenizer's token grid
     cond_vocab: int = 0  # image: the condition tokenizer's codebook size
 
     @property
     def cond_len(self) -> int:
-        return 0 if self.cond_shape is None else self.cond_shape[0] * self.cond_shape[1]
+        return 0 if self.cond_shape is None else math.prod(self.cond_shape)
 
 
 def build_prior(
     config: mlc.ConfigDict,
-    token_shape: tuple[int, int],
+    token_shape: tuple[int, ...],
     vocab_size: int,
-    cond_shape: tuple[int, int] | None = None,
+    cond_shape: tuple[int, ...] | None = None,
     cond_vocab: int = 0,
 ) -> PriorComponents:
     """The prior of config.prior over token grids of `token_shape` with `vocab_size` codes;
-    with condition 'image', conditioned on grids of `cond_shape` with `cond_vocab` codes."""
+    with condition 'image', conditioned on grids of `cond_shape` with `cond_vocab` codes.
+
+    The sequence is the grid flattened row-major: raster order over positions and, for a
+    tokenizer with a depth axis (residual VQ), its stages fastest: (0,0,d0), (0,0,d1), ...,
+    (0,1,d0), ...; so an autoregressive prior predicts stage s of a position after its stages
+    before s, and all stages of the positions before it."""
     pc = config.prior
     kind = priors.get(pc.kind)
     condition = priors.condition_of(pc)
@@ -303,10 +353,10 @@ def build_prior(
         )
     if condition != "image":
         cond_shape, cond_vocab = None, 0
-    cond_len = 0 if cond_shape is None else cond_shape[0] * cond_shape[1]
+    cond_len = 0 if cond_shape is None else math.prod(cond_shape)
     model = kind.network(
         vocab_size=vocab_size,
-        seq_len=token_shape[0] * token_shape[1],
+        seq_len=math.prod(token_shape),
         num_classes=pc.num_classes if condition == "class" else 0,
         num_layers=pc.num_layers,
         num_heads=pc.num_heads,
@@ -333,7 +383,7 @@ def build_prior(
 
 def init_prior_state(comps: PriorComponents, key: jax.Array) -> State:
     """Initial prior state: {'step', 'params', 'opt_state'} (pure)."""
-    seq_len = comps.token_shape[0] * comps.token_shape[1]
+    seq_len = math.prod(comps.token_shape)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     labels = jnp.zeros((1,), jnp.int32) if comps.model.num_classes else None
     cond = jnp.zeros((1, comps.cond_len), jnp.int32) if comps.cond_len else None

@@ -117,11 +117,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             "l1": losses.l1_loss(x, recon),
             "l2": losses.l2_loss(x, recon),
             "quant_loss": qres.loss,
-            "codebook_loss": qres.codebook_loss,
-            "commitment_loss": qres.commitment_loss,
-            "entropy_loss": qres.entropy_loss,
-            "perplexity": qres.perplexity,
-            "usage": qres.usage,
+            **qres.aux,  # every measurement the quantizer kind gives, under its own name
         }
         if comps.perceptual is not None:
             aux["perceptual"] = comps.perceptual(x, recon)
@@ -302,7 +298,10 @@ def make_eval_step(comps: Components) -> Callable[..., Measurements]:
             per_image["ssim"] = jnp.full(x.shape[:1], jnp.nan)
         sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
         sums["count"] = mask.sum()
-        mask_tokens = jnp.broadcast_to(mask[:, None, None], qres.indices.shape)
+        # Any token shape: [B, h, w] or [B, h, w, depth] (every stage's index counted).
+        mask_tokens = jnp.broadcast_to(
+            mask.reshape(-1, *([1] * (qres.indices.ndim - 1))), qres.indices.shape
+        )
         sums["code_counts"] = metrics.code_histogram(qres.indices, codebook_size, mask=mask_tokens)
         return sums
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -63,6 +64,14 @@ def _lookup(d: dict, path: str) -> Any:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys of STATE_DEFINING config entries that differ between two config dicts."""
     diffs = []
+    # The quantizer section compares in its canonical form: the kind, its sizes and its own
+    # fields only, whichever layout (flat, pre-registry, or per-kind subsections) each has.
+    saved, current = (
+        {**d, "quantizer": state_lib.canonical_quantizer_config(d["quantizer"])}
+        if isinstance(d.get("quantizer"), dict) and "kind" in d["quantizer"]
+        else d
+        for d in (saved, current)
+    )
     for path in STATE_DEFINING:
         a, b = _flatten(_lookup(saved, path), path), _flatten(_lookup(current, path), path)
         added = {k: v for k, v in ADDED_DEFAULTS.items() if k.startswith(path + ".")}
@@ -592,13 +601,13 @@ class TokenSource:
 
 class TokenBatches:
     """The input pipeline's iterator with its batches' 'image' key renamed to 'tokens' (and split
-    into 'tokens' [b, h, w] and 'cond' [b, h', w'] when `token_shape` / `cond_shape` are given)."""
+    into 'tokens' [b, *token_shape] and 'cond' [b, *cond_shape] when both shapes are given)."""
 
     def __init__(
         self,
         it: Any,
-        token_shape: tuple[int, int] | None = None,
-        cond_shape: tuple[int, int] | None = None,
+        token_shape: tuple[int, ...] | None = None,
+        cond_shape: tuple[int, ...] | None = None,
     ):
         self._it = it
         self._shapes = (token_shape, cond_shape)
@@ -608,7 +617,7 @@ class TokenBatches:
         token_shape, cond_shape = self._shapes
         if cond_shape is None:
             return {"tokens": batch["image"], "label": batch["label"]}
-        n, length = len(batch["image"]), token_shape[0] * token_shape[1]
+        n, length = len(batch["image"]), math.prod(token_shape)
         return {
             "tokens": batch["image"][:, :length].reshape(n, *token_shape),
             "cond": batch["image"][:, length:].reshape(n, *cond_shape),

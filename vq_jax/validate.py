@@ -110,6 +110,16 @@ RULES: tuple[Rule, ...] = (
     Rule("quantizer.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
     Rule("quantizer.decay", within(0, 1, hi_open=True), "0 <= decay < 1", 0.99),
     Rule("quantizer.epsilon", above(0), "> 0", 1e-5),
+    Rule("quantizer.vq.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
+    Rule("quantizer.ema.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
+    Rule("quantizer.ema.decay", within(0, 1, hi_open=True), "0 <= decay < 1", 0.99),
+    Rule("quantizer.ema.epsilon", above(0), "> 0", 1e-5),
+    Rule("quantizer.ema.dead_code_threshold", at_least(0), ">= 0 (0: no restarts)", 1.0),
+    Rule("quantizer.lfq.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
+    Rule("quantizer.lfq.entropy_weight", at_least(0), ">= 0 (0: no entropy penalty)", 0.1),
+    Rule("quantizer.rvq.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
+    Rule("quantizer.simvq.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
+    Rule("quantizer.ibq.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
     Rule("discriminator.ndf", at_least(1), "an int >= 1", 64),
     Rule("discriminator.n_layers", at_least(1), "an int >= 1", 3),
     Rule("loss.l1_weight", at_least(0), ">= 0", 1.0),
@@ -177,6 +187,16 @@ def _head_problems(config: mlc.ConfigDict) -> list[str]:
     return []
 
 
+def _quantizer_problems(config: mlc.ConfigDict) -> list[str]:
+    """The quantizer kind, its sizes and its own fields (checks registered with each kind)."""
+    qc = _get(config, "quantizer")
+    if not isinstance(qc, mlc.ConfigDict | dict) or "kind" not in qc:
+        return []
+    from vq_jax.state import quantizer_problems  # deferred: state builds networks
+
+    return quantizer_problems(qc)
+
+
 def problems(config: mlc.ConfigDict) -> list[str]:
     """One line per out-of-range field: field, value, what is valid, the flag that fixes it."""
     found = []
@@ -189,7 +209,7 @@ def problems(config: mlc.ConfigDict) -> list[str]:
                 f"config.{rule.field}={value!r} is out of range; valid: {rule.valid}; set e.g. "
                 f"--config.{rule.field}={rule.example}"
             )
-    return found + _group_problems(config) + _head_problems(config)
+    return found + _group_problems(config) + _head_problems(config) + _quantizer_problems(config)
 
 
 def check(config: mlc.ConfigDict) -> None:

@@ -40,14 +40,8 @@ def configure(base: mlc.ConfigDict, arch: Architecture, dtype: str) -> mlc.Confi
         num_groups=arch.num_groups,
         dtype=dtype,
     )
-    config.quantizer.update(
-        kind="vq",
-        codebook_size=arch.codebook_size,
-        embed_dim=arch.embed_dim,
-        l2_normalize=arch.l2_normalize,
-        lookup_dim=0,
-        entropy_weight=0.0,
-    )
+    config.quantizer.update(kind="vq", codebook_size=arch.codebook_size, embed_dim=arch.embed_dim)
+    config.quantizer.vq.update(l2_normalize=arch.l2_normalize, lookup_dim=0, entropy_weight=0.0)
     config.input.update(resolution=arch.resolution, channels=arch.in_channels)
     config.lock()
     return config

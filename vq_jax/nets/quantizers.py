@@ -1,19 +1,24 @@
-"""Vector quantizers: VQ-VAE codebook, EMA codebook (with dead-code restarts) and FSQ.
+"""Vector quantizers: the interface, VQ-VAE codebook, EMA codebook (with dead-code restarts), FSQ.
 
-Every quantizer follows one contract so the autoencoder can swap them freely::
+Every quantizer implements :class:`Quantizer`, so the autoencoder can swap them freely::
 
     variables = q.init({"params": key}, z)                # z: [..., embed_dim]
     z_q, result = q.apply(variables, z, train=False)      # z_q: z.shape, straight-through grads
     vectors = q.apply(variables, indices, method="lookup")
 
-``result`` is a :class:`QuantizerResult`. Non-trainable statistics (EMA codebook, usage counts) live
-in the ``"vq_stats"`` collection and are updated only with ``train=True`` and
-``mutable=["vq_stats"]``. Distances are always computed in float32 with a single matmul.
+``result`` is a :class:`QuantizerResult`: ``indices`` of shape ``z.shape[:-1] + q.index_shape``,
+the ``loss`` to add to the generator loss, and an open dict ``aux`` of scalar measurements that
+the train step reports as they are. Non-trainable statistics (EMA codebook, usage counts) live in
+the ``"vq_stats"`` collection and are updated only with ``train=True`` and
+``mutable=["vq_stats"]``. Distances are computed in float32; above ``BLOCKED_SEARCH_ABOVE`` codes
+the nearest-code search runs over blocks of codes (:func:`nearest_code`), never an [N, K] matrix.
+Other kinds live in their own modules (lfq.py, residual.py, simvq.py, ibq.py); the names the
+config can choose are registered in quantizer_registry.py.
 """
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import flax
 import flax.linen as nn
@@ -36,15 +41,74 @@ _CODEBOOK_INITS = ("uniform", "normal", "variance_scaling")
 
 @flax.struct.dataclass
 class QuantizerResult:
-    """Auxiliary outputs of a quantizer call (all scalars except ``indices``)."""
+    """What a quantizer call returns besides z_q.
 
-    indices: Array  # int32, z.shape[:-1]; for FSQ the flat mixed-radix index
-    loss: Array  # total weighted quantizer loss to add to the generator loss
-    codebook_loss: Array  # mean ||sg[z] - e||^2 (0 for EMA / FSQ)
-    commitment_loss: Array  # mean ||z - sg[e]||^2, unweighted (loss uses beta * this)
-    entropy_loss: Array  # 0 unless the entropy regulariser is on
-    perplexity: Array  # exp(entropy of the batch code histogram)
-    usage: Array  # fraction of codebook entries used at least once in the batch
+    ``indices``: int32, ``z.shape[:-1] + index_shape`` (FSQ: the flat mixed-radix index; residual
+    VQ: one index per stage on a trailing depth axis). ``loss``: the total weighted quantizer loss
+    to add to the generator loss. ``aux``: scalar float32 measurements, reported by the train step
+    under their own names; every kind gives ``perplexity`` (exp(entropy of the batch code
+    histogram)) and ``usage`` (fraction of codes used in the batch), the codebook kinds also
+    ``codebook_loss`` / ``commitment_loss`` (unweighted) / ``entropy_loss``. ``result.name``
+    reads ``aux[name]``.
+    """
+
+    indices: Array
+    loss: Array
+    aux: dict[str, Array] = flax.struct.field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Array:
+        try:
+            aux = object.__getattribute__(self, "aux")
+        except AttributeError:
+            raise AttributeError(name) from None
+        if name in aux:
+            return aux[name]
+        raise AttributeError(
+            f"QuantizerResult has no {name!r}; its measurements are {sorted(aux)}."
+        )
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """The interface every quantizer kind implements (a Flax module).
+
+    ``codebook_size``: the number of values one index takes. ``embed_dim``: the width of the
+    vectors it quantizes (the autoencoder projects to it). ``index_shape``: the trailing shape of
+    the indices at each position: () for one token per position, (depth,) for residual VQ.
+    """
+
+    @property
+    def codebook_size(self) -> int: ...
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    @property
+    def index_shape(self) -> tuple[int, ...]: ...
+
+    def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]: ...
+
+    def lookup(self, indices: Array) -> Array: ...
+
+
+def codebook_aux(
+    *,
+    counts: Array,
+    codebook_loss: Array | None = None,
+    commitment_loss: Array | None = None,
+    entropy_loss: Array | None = None,
+) -> dict[str, Array]:
+    """The measurements the codebook kinds share: the loss terms (0 where absent) and the
+    perplexity / usage of the code histogram ``counts``."""
+    perplexity, usage = histogram_stats(counts)
+    zero = _zero()
+    return {
+        "codebook_loss": zero if codebook_loss is None else codebook_loss.astype(jnp.float32),
+        "commitment_loss": zero if commitment_loss is None else commitment_loss.astype(jnp.float32),
+        "entropy_loss": zero if entropy_loss is None else entropy_loss.astype(jnp.float32),
+        "perplexity": perplexity,
+        "usage": usage,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,6 +185,106 @@ def squared_distances(x: Array, codebook: Array) -> Array:
         - 2.0 * cross
         + jnp.sum(jnp.square(codebook), axis=-1)[None, :]
     )
+
+
+BLOCKED_SEARCH_ABOVE = 4096
+"""Codebooks with more codes than this are searched in blocks (:func:`nearest_code`)."""
+SEARCH_BLOCK = 2048
+"""Codes per block of the blocked search."""
+SEARCH_ROWS = 128
+"""Vectors per tile of the blocked search: the scratch is [SEARCH_ROWS, SEARCH_BLOCK] floats."""
+
+
+def exhaustive_nearest_code(x: Array, codebook: Array) -> Array:
+    """argmin_k ||x_n - e_k||^2 over the whole [N, K] distance matrix -> int32 [N]."""
+    return jnp.argmin(squared_distances(x, codebook), axis=-1).astype(jnp.int32)
+
+
+def blocked_nearest_code(
+    x: Array, codebook: Array, block: int = SEARCH_BLOCK, rows: int = SEARCH_ROWS
+) -> Array:
+    """The same indices as :func:`exhaustive_nearest_code`, in O(rows * block) scratch.
+
+    Tiles of ``rows`` vectors (a sequential map) each scan the codebook in blocks of ``block``
+    codes, keeping the running minimum distance and its index; a block replaces it only when
+    strictly smaller, and inside a block the first index holding the minimum is taken, so ties
+    go to the lowest index, as with one argmin. Each distance is the same float32 expression as in
+    :func:`squared_distances`. The codebook is padded to a multiple of ``block`` with codes at
+    infinite distance, x to a multiple of ``rows`` with zero rows (dropped from the result).
+    The tile of distances stays small enough for the CPU caches, which is where the speed over
+    the exhaustive search comes from (BENCHMARKS.md section 3).
+    """
+    x = jax.lax.stop_gradient(x.astype(jnp.float32))
+    codebook = jax.lax.stop_gradient(codebook.astype(jnp.float32))
+    k, d = codebook.shape
+    n = x.shape[0]
+    block = max(1, min(int(block), k))
+    rows = max(1, min(int(rows), n))
+    num_blocks, num_tiles = -(-k // block), -(-n // rows)
+    code_sq = jnp.sum(jnp.square(codebook), axis=-1)
+    pad = num_blocks * block - k
+    if pad:
+        codebook = jnp.concatenate([codebook, jnp.zeros((pad, d), codebook.dtype)])
+        code_sq = jnp.concatenate([code_sq, jnp.full((pad,), jnp.inf, code_sq.dtype)])
+    if num_tiles * rows - n:
+        x = jnp.concatenate([x, jnp.zeros((num_tiles * rows - n, d), x.dtype)])
+    starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
+    lanes = jnp.arange(block, dtype=jnp.int32)[None, :]
+    blocks = (codebook.reshape(num_blocks, block, d), code_sq.reshape(num_blocks, block), starts)
+
+    def search_tile(xt: Array) -> Array:
+        x_sq = jnp.sum(jnp.square(xt), axis=-1, keepdims=True)
+
+        def body(carry, xs):
+            best_d, best_i = carry
+            codes, sq, start = xs
+            dist = x_sq - 2.0 * jnp.matmul(xt, codes.T, precision=_HIGHEST) + sq[None, :]
+            # argmin as two plain min-reductions (the first index holding the minimum): the
+            # same index, and faster on XLA:CPU than its variadic argmin reduction
+            m = jnp.min(dist, axis=-1)
+            i = jnp.min(jnp.where(dist == m[:, None], lanes, block), axis=-1)
+            better = m < best_d
+            return (jnp.where(better, m, best_d), jnp.where(better, i + start, best_i)), None
+
+        init = (jnp.full((rows,), jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.int32))
+        (_, best_i), _ = jax.lax.scan(body, init, blocks)
+        return best_i
+
+    return jax.lax.map(search_tile, x.reshape(num_tiles, rows, d)).reshape(-1)[:n]
+
+
+def nearest_code(x: Array, codebook: Array, *, blocked: bool | None = None) -> Array:
+    """Index of the nearest code (squared L2) of each row of x [N, D] in codebook [K, D].
+
+    ``blocked=None`` chooses the blocked search when K > ``BLOCKED_SEARCH_ABOVE``.
+    """
+    if blocked is None:
+        blocked = codebook.shape[0] > BLOCKED_SEARCH_ABOVE
+    if blocked:
+        return blocked_nearest_code(x, codebook)
+    return exhaustive_nearest_code(x, codebook)
+
+
+def code_sums(x: Array, indices: Array, codebook_size: int, block: int = SEARCH_BLOCK) -> Array:
+    """sum_{n: indices_n = k} x_n for every code k -> [codebook_size, D] (float32).
+
+    A one-hot matmul (deterministic, unlike a scatter-add on accelerators); above
+    ``BLOCKED_SEARCH_ABOVE`` codes one block of ``block`` codes at a time, so the one-hot
+    scratch is [N, block], not [N, K].
+    """
+    x = x.astype(jnp.float32)
+    if codebook_size <= BLOCKED_SEARCH_ABOVE:
+        onehot = jax.nn.one_hot(indices, codebook_size, dtype=jnp.float32)
+        return jnp.matmul(onehot.T, x, precision=_HIGHEST)
+    num_blocks = -(-codebook_size // block)
+
+    def one_block(start: Array) -> Array:
+        onehot = jax.nn.one_hot(indices - start, block, dtype=jnp.float32)  # out of range: 0
+        return jnp.matmul(onehot.T, x, precision=_HIGHEST)
+
+    starts = jnp.arange(num_blocks, dtype=indices.dtype) * block
+    sums = jax.lax.map(one_block, starts).reshape(num_blocks * block, x.shape[-1])
+    return sums[:codebook_size]
 
 
 def code_histogram(indices: Array, codebook_size: int) -> Array:
@@ -223,6 +387,8 @@ class VectorQuantizer(nn.Module):
     entropy_temperature: float = 0.01
     codebook_init: str = "uniform"
     usage_decay: float = 0.99
+    search: str = "auto"  # nearest-code search: auto (blocked above BLOCKED_SEARCH_ABOVE codes),
+    # blocked or exhaustive; the same indices either way
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -231,6 +397,10 @@ class VectorQuantizer(nn.Module):
         _check_positive_int(type(self).__name__, "embed_dim", self.embed_dim)
         if self.lookup_dim is not None:
             _check_positive_int(type(self).__name__, "lookup_dim", self.lookup_dim)
+        if self.search not in ("auto", "blocked", "exhaustive"):
+            raise ValueError(
+                f"VectorQuantizer: search={self.search!r}; use 'auto', 'blocked' or 'exhaustive'."
+            )
         if self.codebook_init not in _CODEBOOK_INITS:
             raise ValueError(
                 f"VectorQuantizer: unknown codebook_init {self.codebook_init!r}; use one of "
@@ -242,6 +412,10 @@ class VectorQuantizer(nn.Module):
                 f"{self.entropy_temperature}; use e.g. 0.01."
             )
         super().__post_init__()
+
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        return ()
 
     @property
     def code_dim(self) -> int:
@@ -287,16 +461,18 @@ class VectorQuantizer(nn.Module):
         batch_shape = z.shape[:-1]
         x = self._to_lookup(z.reshape(-1, self.embed_dim))
         codes = self._codes()
-        distances = squared_distances(x, codes)
-        indices = jnp.argmin(distances, axis=-1).astype(jnp.int32)
+        if self.entropy_weight:  # the regulariser needs every distance
+            distances = squared_distances(x, codes)
+            indices = jnp.argmin(distances, axis=-1).astype(jnp.int32)
+            entropy_loss = entropy_regularizer(distances, self.entropy_temperature)
+        else:
+            blocked = {"auto": None, "blocked": True, "exhaustive": False}[self.search]
+            indices = nearest_code(x, codes, blocked=blocked)
+            entropy_loss = _zero()
         e = jnp.take(codes, indices, axis=0)
 
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(x) - e))
         commitment_loss = jnp.mean(jnp.square(x - jax.lax.stop_gradient(e)))
-        if self.entropy_weight:
-            entropy_loss = entropy_regularizer(distances, self.entropy_temperature)
-        else:
-            entropy_loss = _zero()
         loss = (
             codebook_loss + self.beta * commitment_loss + self.entropy_weight * entropy_loss
         ).astype(jnp.float32)
@@ -313,15 +489,15 @@ class VectorQuantizer(nn.Module):
         ):
             d = self.usage_decay
             self.cluster_size.value = d * self.cluster_size.value + (1.0 - d) * counts
-        perplexity, usage = histogram_stats(counts)
         return z_q, QuantizerResult(
             indices=indices.reshape(batch_shape),
             loss=loss,
-            codebook_loss=codebook_loss,
-            commitment_loss=commitment_loss,
-            entropy_loss=entropy_loss.astype(jnp.float32),
-            perplexity=perplexity,
-            usage=usage,
+            aux=codebook_aux(
+                counts=counts,
+                codebook_loss=codebook_loss,
+                commitment_loss=commitment_loss,
+                entropy_loss=entropy_loss,
+            ),
         )
 
     def lookup(self, indices: Array) -> Array:
@@ -388,6 +564,10 @@ class EMAVectorQuantizer(nn.Module):
             )
         super().__post_init__()
 
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        return ()
+
     def setup(self) -> None:
         shape = (self.codebook_size, self.embed_dim)
         init_fn = codebook_initializer(self.codebook_init, self.codebook_size)
@@ -407,7 +587,7 @@ class EMAVectorQuantizer(nn.Module):
         batch_shape = z.shape[:-1]
         flat = z.reshape(-1, self.embed_dim).astype(jnp.float32)
         codes = jax.lax.stop_gradient(self.codebook.value.astype(jnp.float32))
-        indices = jnp.argmin(squared_distances(flat, codes), axis=-1).astype(jnp.int32)
+        indices = nearest_code(flat, codes)
         e = jnp.take(codes, indices, axis=0)
         commitment_loss = jnp.mean(jnp.square(flat - e))
         z_q = (flat + jax.lax.stop_gradient(e - flat)).astype(self.dtype)
@@ -415,25 +595,20 @@ class EMAVectorQuantizer(nn.Module):
         counts = code_histogram(indices, self.codebook_size)
         if self.axis_name is not None:
             counts = jax.lax.psum(counts, self.axis_name)
+        num_restarted = jnp.zeros((), jnp.int32)
         if train and self.is_mutable_collection(VQ_STATS) and not self.is_initializing():
-            self._update(jax.lax.stop_gradient(flat), indices, counts)
-        perplexity, usage = histogram_stats(counts)
+            num_restarted = self._update(jax.lax.stop_gradient(flat), indices, counts)
+        aux = codebook_aux(counts=counts, commitment_loss=commitment_loss)
+        if self.dead_code_threshold > 0:
+            aux["num_restarted"] = num_restarted.astype(jnp.float32)
         return z_q.reshape(*batch_shape, self.embed_dim), QuantizerResult(
-            indices=indices.reshape(batch_shape),
-            loss=self.beta * commitment_loss,
-            codebook_loss=_zero(),
-            commitment_loss=commitment_loss,
-            entropy_loss=_zero(),
-            perplexity=perplexity,
-            usage=usage,
+            indices=indices.reshape(batch_shape), loss=self.beta * commitment_loss, aux=aux
         )
 
-    def _update(self, flat: Array, indices: Array, counts: Array) -> None:
+    def _update(self, flat: Array, indices: Array, counts: Array) -> Array:
+        """The EMA update of the codebook statistics; returns the number of restarted codes."""
         k = self.codebook_size
-        onehot = jax.nn.one_hot(indices, k, dtype=jnp.float32)
-        embed_batch = jnp.matmul(
-            onehot.T, flat, precision=_HIGHEST
-        )  # deterministic, unlike scatter
+        embed_batch = code_sums(flat, indices, k)
         if self.axis_name is not None:
             embed_batch = jax.lax.psum(embed_batch, self.axis_name)
         d = self.decay
@@ -458,11 +633,15 @@ class EMAVectorQuantizer(nn.Module):
             )
             cluster_size = jnp.where(dead, jnp.float32(self.dead_code_threshold), cluster_size)
             embed_sum = jnp.where(dead[:, None], codebook * self.dead_code_threshold, embed_sum)
-            self.sow("intermediates", "num_restarted", jnp.sum(dead.astype(jnp.int32)))
+            num_restarted = jnp.sum(dead.astype(jnp.int32))
+            self.sow("intermediates", "num_restarted", num_restarted)
+        else:
+            num_restarted = jnp.zeros((), jnp.int32)
 
         self.cluster_size.value = cluster_size
         self.embed_sum.value = embed_sum
         self.codebook.value = codebook
+        return num_restarted
 
     def lookup(self, indices: Array) -> Array:
         """Code vectors for integer ``indices`` [...] -> [..., embed_dim]."""
@@ -561,6 +740,10 @@ class FSQ(nn.Module):
     def codebook_size(self) -> int:
         return math.prod(self.levels)
 
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        return ()
+
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
         """Quantize z [..., len(levels)] -> (z_q on the level grid, QuantizerResult)."""
         del train  # FSQ has no state
@@ -570,15 +753,9 @@ class FSQ(nn.Module):
         rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
         codes = rounded / half_width
         indices = fsq_codes_to_indices(jax.lax.stop_gradient(codes), self.levels)
-        perplexity, usage = histogram_stats(code_histogram(indices, self.codebook_size))
+        counts = code_histogram(indices, self.codebook_size)
         return codes.astype(self.dtype), QuantizerResult(
-            indices=indices,
-            loss=_zero(),
-            codebook_loss=_zero(),
-            commitment_loss=_zero(),
-            entropy_loss=_zero(),
-            perplexity=perplexity,
-            usage=usage,
+            indices=indices, loss=_zero(), aux=codebook_aux(counts=counts)
         )
 
     def codes_to_indices(self, codes: Array) -> Array:

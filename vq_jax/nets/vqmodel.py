@@ -23,7 +23,7 @@ from vq_jax.nets.quantizers import QuantizerResult
 
 
 class VQModel(nn.Module):
-    """Image [B, H, W, in_channels] in [-1, 1] <-> code indices [B, H/f, W/f]."""
+    """Image [B, H, W, in_channels] in [-1, 1] <-> code indices [B, H/f, W/f, *index_shape]."""
 
     quantizer: nn.Module
     ch: int = 128
@@ -91,10 +91,14 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(z_q.astype(self.dtype)), train)
 
     def decode_indices(self, indices: jax.Array) -> jax.Array:
-        """Code indices [B, h, w] -> images (quantizer lookup, then decode in eval mode)."""
-        if indices.ndim != 3:
+        """Code indices [B, h, w, *quantizer.index_shape] -> images (quantizer lookup, then
+        decode in eval mode); [B, h, w] for one token per position, [B, h, w, depth] for
+        residual VQ."""
+        index_shape = tuple(getattr(self.quantizer, "index_shape", ()))
+        if indices.ndim != 3 + len(index_shape) or tuple(indices.shape[3:]) != index_shape:
+            want = ", ".join(["B", "h", "w", *map(str, index_shape)])
             raise ValueError(
-                f"decode_indices expects indices of shape [B, h, w], got {indices.shape}; "
+                f"decode_indices expects indices of shape [{want}], got {indices.shape}; "
                 "reshape flat token sequences to the latent grid first."
             )
         return self.decode(self.quantizer.lookup(indices), train=False)
