@@ -164,6 +164,21 @@ def test_matches_torch_reference(setup, size):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_separate_trunk_calls_equal_the_concatenated_call(setup):
+    """concat_batch=False (the training loss: no VGG backward over the target half) gives the
+    same distances and gradients as the single call on [x; y]."""
+    _, params = setup
+    a, b = rand_images(11, (2, 32, 32, 1)), rand_images(12, (2, 32, 32, 1))
+
+    def value_and_grads(concat):
+        f = lambda x, y: jnp.mean(LPIPS(concat_batch=concat).apply({"params": params}, x, y))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(a, b)
+
+    (v1, g1), (v2, g2) = value_and_grads(True), value_and_grads(False)
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    chex.assert_trees_all_close(g2, g1, rtol=1e-5, atol=1e-9)
+
+
 def test_identical_images_give_zero(setup):
     model, params = setup
     a = rand_images(4, (3, 32, 32, 3))

@@ -126,6 +126,10 @@ class LPIPS(nn.Module):
     """
 
     dtype: Dtype = jnp.float32
+    # True: one VGG call on [x; y] (fewer ops to compile, a bigger conv batch: best when nothing
+    # is differentiated). False: one call each, so that a gradient with respect to y alone does
+    # not run VGG's backward pass over x's half of the batch too (the training loss).
+    concat_batch: bool = True
 
     @staticmethod
     def _prepare(x: jax.Array, name: str) -> jax.Array:
@@ -159,14 +163,18 @@ class LPIPS(nn.Module):
                 f"pass images of the same batch size and resolution."
             )
         n = x.shape[0]
-        # One trunk call on the concatenated batch (half the ops to compile; bigger conv batch).
         # Identical images give 0 up to float rounding (~1e-16 under jit, where XLA may fuse
         # the two halves' normalisation differently).
-        feats = VGG16Features(dtype=self.dtype, name="vgg")(jnp.concatenate([x, y], axis=0))
+        vgg = VGG16Features(dtype=self.dtype, name="vgg")
+        if self.concat_batch:
+            feats = [(f[:n], f[n:]) for f in vgg(jnp.concatenate([x, y], axis=0))]
+        else:
+            feats = list(zip(vgg(x), vgg(y), strict=True))
         total = jnp.zeros((n,), jnp.float32)
-        for k, f in enumerate(feats):
-            f = _unit_normalize(f.astype(jnp.float32))
-            diff = jnp.square(f[:n] - f[n:])
+        for k, (fx, fy) in enumerate(feats):
+            fx = _unit_normalize(fx.astype(jnp.float32))
+            fy = _unit_normalize(fy.astype(jnp.float32))
+            diff = jnp.square(fx - fy)
             head = nn.Conv(
                 1,
                 (1, 1),
@@ -251,7 +259,7 @@ def lpips_loss_fn(
     params under jit is fine: jax passes closed-over arrays to the compiled program as arguments
     rather than baking ~59 MB of constants into it.
     """
-    model = LPIPS(dtype=dtype)
+    model = LPIPS(dtype=dtype, concat_batch=False)
 
     def loss(x: jax.Array, y: jax.Array) -> jax.Array:
         frozen = jax.lax.stop_gradient(params)
