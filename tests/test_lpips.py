@@ -1,7 +1,5 @@
 """Tests for vq_jax.nets.lpips and scripts/convert_lpips.py against an independent torch LPIPS."""
 
-import importlib.util
-import pathlib
 import re
 
 import chex
@@ -9,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scripts_util import load_script
 
 from vq_jax.nets.lpips import (
     LPIPS,
@@ -20,19 +19,8 @@ from vq_jax.nets.lpips import (
 
 torch = pytest.importorskip("torch")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _load_converter():
-    spec = importlib.util.spec_from_file_location(
-        "convert_lpips", ROOT / "scripts/convert_lpips.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_lpips = _load_converter()
+convert_lpips = load_script("convert_lpips")
 
 
 # ----------------------------------------------------------------------------------------------

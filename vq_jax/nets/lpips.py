@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vq_jax.nets import weight_files
+from vq_jax.nets.conv import Conv
+
 Dtype = jnp.dtype | type
 
 # (stage name prefix, number of 3x3 convs, output channels) of torchvision's VGG16 conv part.
@@ -90,7 +93,7 @@ class VGG16Features(nn.Module):
             if s > 0:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
             for i in range(n):
-                x = nn.Conv(
+                x = Conv(  # flax's Conv; oneDNN on CPU: ~8x faster here than XLA:CPU's
                     c_out,
                     (3, 3),
                     padding=((1, 1), (1, 1)),
@@ -187,48 +190,20 @@ class LPIPS(nn.Module):
         return total
 
 
-def flatten_params(params: dict) -> dict[str, np.ndarray]:
-    """Nested params -> {'vgg/conv1_1/kernel': array, ...} (the .npz key layout)."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        flat["/".join(str(p.key) for p in path)] = np.asarray(leaf)
-    return flat
-
-
-def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
-    """{'vgg/conv1_1/kernel': array, ...} -> nested params dict of jnp float32 arrays."""
-    params: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = params
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value, jnp.float32)
-    return params
+flatten_params = weight_files.flatten  # nested params -> {'vgg/conv1_1/kernel': array, ...}
+unflatten_params = weight_files.unflatten
 
 
 def validate_flat_params(flat: dict[str, np.ndarray], source: str) -> None:
     """Raise ValueError unless `flat` has exactly the LPIPS keys with the expected shapes."""
-    expected = lpips_param_shapes()
-    missing = sorted(set(expected) - set(flat))
-    extra = sorted(set(flat) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"{source} is not an LPIPS-VGG16 weight file: missing keys {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected keys {extra[:5]}"
-            f"{'...' if len(extra) > 5 else ''}; {CONVERT_HINT}."
-        )
-    for key, shape in expected.items():
-        if tuple(flat[key].shape) != shape:
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(flat[key].shape)}, expected {shape} (HWIO); "
-                f"the file may hold torch OIHW kernels or another network; {CONVERT_HINT}."
-            )
-        if not np.issubdtype(flat[key].dtype, np.floating):
-            raise ValueError(
-                f"{source}: {key} has dtype {flat[key].dtype}, expected floating point; "
-                f"{CONVERT_HINT}."
-            )
+    weight_files.check(
+        flat,
+        lpips_param_shapes(),
+        source=source,
+        network="an LPIPS-VGG16 weight file",
+        hint=CONVERT_HINT,
+        shape_note=" (HWIO); the file may hold torch OIHW kernels or another network",
+    )
 
 
 def load_lpips_params(path: str | os.PathLike) -> dict:
@@ -236,18 +211,9 @@ def load_lpips_params(path: str | os.PathLike) -> dict:
 
     Use as ``LPIPS().apply({'params': load_lpips_params(path)}, x, y)``.
     """
-    path = os.path.expanduser(os.fspath(path))
-    if not path:
-        raise FileNotFoundError(f"no LPIPS weight file given; {CONVERT_HINT}.")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LPIPS weight file {path!r} does not exist; {CONVERT_HINT}.")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            flat = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path!r} as a .npz file ({e}); {CONVERT_HINT}.") from e
-    validate_flat_params(flat, repr(path))
-    return unflatten_params(flat)
+    return weight_files.load(
+        path, what="LPIPS weight", hint=CONVERT_HINT, validate=validate_flat_params
+    )
 
 
 def lpips_loss_fn(
