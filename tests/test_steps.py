@@ -125,8 +125,9 @@ def test_adaptive_weight_matches_two_separate_grads(perceptual, tmp_path):
 
     w0 = params["decoder"]["conv_out"]["kernel"]
     g_rec = jax.grad(
-        lambda w: jnp.mean(jnp.abs(x - recon_with_kernel(w)))
-        + perceptual_fn(x, recon_with_kernel(w))
+        lambda w: (
+            jnp.mean(jnp.abs(x - recon_with_kernel(w))) + perceptual_fn(x, recon_with_kernel(w))
+        )
     )(w0)
     g_adv = jax.grad(
         lambda w: -jnp.mean(_disc_forward(comps, state["disc_params"], recon_with_kernel(w)))

@@ -135,9 +135,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
         (recon, qres), new_vars = model.apply(
             variables, x, train=True, rngs=rngs, mutable=["vq_stats", "intermediates"]
         )
-        rec, rec_grad_img, rec_terms = reconstruction_loss_and_grad(
-            s, x, recon, comps.perceptual
-        )
+        rec, rec_grad_img, rec_terms = reconstruction_loss_and_grad(s, x, recon, comps.perceptual)
         loss = rec + qres.loss
         aux: Measurements = {
             "rec_loss": rec,
