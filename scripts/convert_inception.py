@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vq_jax.nets.inception import validate_flat_params  # after the sys.path line above
+from vq_jax.nets import weight_files  # after the sys.path line above
+from vq_jax.nets.inception import validate_flat_params
 
 BN_EPS = 1e-3
 _PREFIX = "net.layers."
@@ -117,13 +118,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     src = args.torchscript or default_torchscript_path()
     flat = convert_state_dict(load_torchscript_state_dict(src))
-    out = os.path.expanduser(args.out)
-    if not out.endswith(".npz"):
-        out += ".npz"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, **flat)
-    os.replace(tmp, out)  # never leave a half-written file where readers look
+    out = weight_files.save(flat, args.out)
     n = sum(v.size for v in flat.values())
     print(f"wrote {out}: {len(flat) // 2} convs (BatchNorm folded), {n:,} float32 parameters")
     print(f"  from {src}")

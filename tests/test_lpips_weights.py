@@ -5,10 +5,8 @@ The real-weight tests read vq_jax.nets.lpips.default_weights_path() ($VQ_JAX_LPI
 ~/.cache/vq_jax/lpips_vgg16.npz, written by .ci/run) and skip, saying how to make it, without it.
 """
 
-import importlib.util
 import io
 import os
-import pathlib
 import pickle
 
 import jax
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from PIL import Image
+from scripts_util import load_script
 
 from vq_jax import data
 from vq_jax.nets.lpips import (
@@ -26,20 +25,10 @@ from vq_jax.nets.lpips import (
     vgg16_conv_names,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 WEIGHTS = default_weights_path()
 
 
-def _load_converter():
-    spec = importlib.util.spec_from_file_location(
-        "convert_lpips", ROOT / "scripts/convert_lpips.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_lpips = _load_converter()
+convert_lpips = load_script("convert_lpips")
 
 
 def fake_ckpt(seed=0):

@@ -84,12 +84,24 @@ def _disc_forward(comps, disc_params, x):
     return comps.disc.apply({"params": disc_params}, x)
 
 
-def test_adaptive_weight_matches_two_separate_grads():
-    """lambda = ||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) * disc_weight, W = decoder conv_out kernel."""
+@pytest.mark.parametrize("perceptual", [False, True], ids=["l1", "l1+lpips"])
+def test_adaptive_weight_matches_two_separate_grads(perceptual, tmp_path):
+    """lambda = ||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) * disc_weight, W = decoder conv_out kernel.
+
+    With LPIPS in L_rec, the step takes dL_rec/d(recon) from the pass that also feeds the
+    generator's gradient (`reconstruction_loss_and_grad`); the reference differentiates again.
+    """
+    from vq_jax.nets import lpips
+
     config = vqgan.get_config("tiny")
     config.loss.feature_matching_weight = 0.0
     config.loss.disc_weight = 0.7
     config.loss.disc_start = 0
+    perceptual_fn = lambda x, r: 0.0
+    if perceptual:
+        config.loss.update(perceptual_weight=1.0, lpips_weights=str(tmp_path / "lpips.npz"))
+        lp = _random_lpips_file(config.loss.lpips_weights, (16, 16, 1))
+        perceptual_fn = lambda x, r: jnp.mean(lpips.LPIPS().apply({"params": lp}, x, r))
     comps, key, init_fn = _setup(config)
     state = init_fn(key)
     batch = _batch(config)
@@ -112,7 +124,11 @@ def test_adaptive_weight_matches_two_separate_grads():
         return recon
 
     w0 = params["decoder"]["conv_out"]["kernel"]
-    g_rec = jax.grad(lambda w: jnp.mean(jnp.abs(x - recon_with_kernel(w))))(w0)
+    g_rec = jax.grad(
+        lambda w: (
+            jnp.mean(jnp.abs(x - recon_with_kernel(w))) + perceptual_fn(x, recon_with_kernel(w))
+        )
+    )(w0)
     g_adv = jax.grad(
         lambda w: -jnp.mean(_disc_forward(comps, state["disc_params"], recon_with_kernel(w)))
     )(w0)
@@ -120,6 +136,32 @@ def test_adaptive_weight_matches_two_separate_grads():
     expected = np.clip(expected, 0.0, 1e4) * 0.7
     np.testing.assert_allclose(float(m["adaptive_weight"]), expected, rtol=1e-4)
     assert float(m["adaptive_weight"]) > 0
+
+
+def test_reconstruction_loss_and_grad_matches_separate_grads():
+    """The one-backward loss has the value of `reconstruction_loss`, returns d/d(recon), and
+    passes the right gradient on to whatever produced `recon` (checked with plain jax.grad)."""
+    s = steps_lib.LossSettings(l1_weight=0.5, l2_weight=2.0, perceptual_weight=0.3)
+    perceptual = lambda x, r: jnp.mean(jnp.sin(3.0 * x * r) ** 2 + r**4)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 4, 4, 1)), jnp.float32)
+    make_recon = lambda p: jnp.tanh(p * w)  # a stand-in for the decoder
+    direct = lambda p: steps_lib.reconstruction_loss(s, x, make_recon(p), perceptual)
+    fused = lambda p: steps_lib.reconstruction_loss_and_grad(s, x, make_recon(p), perceptual)[0]
+    p0 = jnp.asarray(rng.normal(size=(2, 4, 4, 1)), jnp.float32)
+    np.testing.assert_allclose(fused(p0), direct(p0), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(fused)(p0), jax.grad(direct)(p0), rtol=1e-5, atol=1e-8)
+    _, g, terms = steps_lib.reconstruction_loss_and_grad(s, x, make_recon(p0), perceptual)
+    np.testing.assert_allclose(terms["perceptual"], perceptual(x, make_recon(p0)), rtol=1e-6)
+    want = jax.grad(lambda r: steps_lib.reconstruction_loss(s, x, r, perceptual))(make_recon(p0))
+    np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-9)
+    # l1 + l2 by hand, as an independent formula
+    r = np.asarray(make_recon(p0), np.float64)
+    xn = np.asarray(x, np.float64)
+    hand = 0.5 * np.mean(np.abs(xn - r)) + 2.0 * np.mean((xn - r) ** 2)
+    hand += 0.3 * np.mean(np.sin(3.0 * xn * r) ** 2 + r**4)
+    np.testing.assert_allclose(float(fused(p0)), hand, rtol=1e-5)
 
 
 def test_adaptive_weight_zero_before_disc_start():

@@ -90,6 +90,31 @@ def reconstruction_loss(
     return loss
 
 
+def reconstruction_loss_and_grad(
+    s: LossSettings, x: jax.Array, recon: jax.Array, perceptual: Callable | None = None
+) -> tuple[jax.Array, jax.Array, Measurements]:
+    """`reconstruction_loss`, its gradient g with respect to `recon` from one backward pass, and
+    the LPIPS value (as {"perceptual": ...}) when that term is on.
+
+    The adaptive weight needs g on its own. The returned loss is `value + sum(g * (recon -
+    stop_gradient(recon)))`: the same value, and the same gradient g with respect to `recon`,
+    so the caller's backward pass reuses g instead of differentiating the loss (LPIPS's VGG16,
+    the bulk of a VQGAN step) a second time.
+    """
+    use_lpips = bool(s.perceptual_weight) and perceptual is not None
+
+    def loss_fn(r: jax.Array) -> tuple[jax.Array, Measurements]:
+        if not use_lpips:
+            return reconstruction_loss(s, x, r), {}
+        lp = perceptual(x, r)
+        return reconstruction_loss(s, x, r) + s.perceptual_weight * lp, {"perceptual": lp}
+
+    fixed = jax.lax.stop_gradient(recon)
+    (value, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(fixed)
+    g = jax.lax.stop_gradient(g)
+    return value + jnp.sum(g * (recon - fixed)), g, terms
+
+
 class TokenizerUpdates(NamedTuple):
     """The two halves of a tokenizer step; each writes only its own part of the state."""
 
@@ -110,7 +135,7 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
         (recon, qres), new_vars = model.apply(
             variables, x, train=True, rngs=rngs, mutable=["vq_stats", "intermediates"]
         )
-        rec = reconstruction_loss(s, x, recon, comps.perceptual)
+        rec, rec_grad_img, rec_terms = reconstruction_loss_and_grad(s, x, recon, comps.perceptual)
         loss = rec + qres.loss
         aux: Measurements = {
             "rec_loss": rec,
@@ -119,19 +144,18 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             "quant_loss": qres.loss,
             **qres.aux,  # every measurement the quantizer kind gives, under its own name
         }
-        if comps.perceptual is not None:
-            aux["perceptual"] = comps.perceptual(x, recon)
+        aux.update(rec_terms)
         if disc is not None:
             features = new_vars["intermediates"]["decoder"]["conv_out_input"][0]
             kernel = params["decoder"]["conv_out"]["kernel"]
-            adv, adv_aux = adversarial_terms(state, x, recon, rec, features, kernel)
+            adv, adv_aux = adversarial_terms(state, x, recon, rec_grad_img, features, kernel)
             loss += adv
             aux.update(adv_aux)
         model_state = {k: v for k, v in new_vars.items() if k != "intermediates"}
         aux["loss"] = loss
         return loss, (aux, model_state, recon)
 
-    def adversarial_terms(state, x, recon, rec, features, kernel):
+    def adversarial_terms(state, x, recon, rec_grad_img, features, kernel):
         """lambda * G_adv + feature matching from `disc_start` on (zero before)."""
         disc_params = state["disc_params"]
 
@@ -140,9 +164,6 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             g_adv = g_adv_fn(recon)
             if s.adaptive_weight:
                 # Gradients of the two terms w.r.t. the decoder's last-layer kernel, via d/d(recon).
-                rec_grad_img = jax.grad(lambda r: reconstruction_loss(s, x, r, comps.perceptual))(
-                    jax.lax.stop_gradient(recon)
-                )
                 adv_grad_img = jax.grad(g_adv_fn)(jax.lax.stop_gradient(recon))
                 mode = getattr(comps.model, "conv_weight_grad", "auto")
                 lam = losses.adaptive_weight(

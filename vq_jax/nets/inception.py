@@ -5,7 +5,7 @@ This is the network every published FID uses (TF's `inception-2015-12-05`, pytor
 
 * every conv is conv (no bias) -> BatchNorm (no gamma, eps 1e-3) -> ReLU. The converter folds the
   inference-mode BatchNorm into the conv in float64 (kernel * 1/sqrt(var + eps), bias
-  beta - mean/sqrt(var + eps)), so here a conv is a plain biased ``nn.Conv`` + ReLU;
+  beta - mean/sqrt(var + eps)), so here a conv is a plain biased conv + ReLU;
 * the 3x3 average pools inside the blocks do not count padding (``count_include_pad=False``);
 * the last block (``mixed_10``) pools its side branch with a 3x3 *max* pool, the earlier
   ``mixed_9`` with an average pool;
@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vq_jax.nets import weight_files
+from vq_jax.nets.conv import Conv
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 
@@ -47,10 +50,11 @@ def conv_relu(
 ) -> jax.Array:
     """A conv with the BatchNorm folded into its bias, then ReLU (the TF graph's conv unit).
 
-    Call inside a compact method: the ``nn.Conv`` becomes the caller's submodule ``name``.
+    Call inside a compact method: the ``Conv`` becomes the caller's submodule ``name``
+    (``nets.conv.Conv``: flax's Conv, through oneDNN on CPUs where the kernels are built).
     """
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    conv = nn.Conv(
+    conv = Conv(
         features, kernel, strides=(stride, stride), padding=((ph, ph), (pw, pw)), name=name
     )
     return nn.relu(conv(x))
@@ -181,58 +185,23 @@ class InceptionV3(nn.Module):
 
 def inception_param_shapes() -> dict[str, tuple[int, ...]]:
     """Flat key ('mixed_4/tower_1_conv_2/conv/kernel', ...) -> shape of every parameter."""
-    abstract = jax.eval_shape(
-        lambda: InceptionV3().init(
-            jax.random.key(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-        )
-    )["params"]
-    return {
-        "/".join(str(p.key) for p in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
-    }
+    x = jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+    return weight_files.shapes_of(lambda: InceptionV3().init(jax.random.key(0), x))
 
 
 def validate_flat_params(flat: dict[str, np.ndarray], source: str) -> None:
     """Raise ValueError unless `flat` has exactly the InceptionV3 keys and shapes."""
-    expected = inception_param_shapes()
-    missing = sorted(set(expected) - set(flat))
-    extra = sorted(set(flat) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"{source} is not an FID InceptionV3 weight file: missing keys {missing[:3]}, "
-            f"unexpected keys {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected); "
-            f"{CONVERT_HINT}."
-        )
-    for key, shape in expected.items():
-        if tuple(flat[key].shape) != shape:
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(flat[key].shape)}, expected {shape}; "
-                f"{CONVERT_HINT}."
-            )
+    weight_files.check(
+        flat,
+        inception_param_shapes(),
+        source=source,
+        network="an FID InceptionV3 weight file",
+        hint=CONVERT_HINT,
+    )
 
 
 def load_inception_params(path: str | os.PathLike) -> dict:
     """Nested float32 params from a .npz written by scripts/convert_inception.py."""
-    path = os.path.expanduser(os.fspath(path)) if path is not None else ""
-    if not path:
-        raise FileNotFoundError(f"no Inception weight file given (weights=''); {CONVERT_HINT}.")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Inception weight file weights={path!r} does not exist; {CONVERT_HINT}."
-        )
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            flat = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"cannot read weights={path!r} as a .npz file ({e}); {CONVERT_HINT}."
-        ) from e
-    validate_flat_params(flat, f"weights={path!r}")
-    params: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = params
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value, jnp.float32)
-    return params
+    return weight_files.load(
+        path, what="Inception weight", hint=CONVERT_HINT, validate=validate_flat_params
+    )
