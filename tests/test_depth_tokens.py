@@ -25,10 +25,12 @@ def test_prior_sequence_order_is_raster_with_depth_fastest():
                 grid[0, i, j, s] = 100 * i + 10 * j + s
 
     class _Comps:
+        cond_len = 0  # no image condition
+
         class model:
             num_classes = 0
 
-    seq, _ = steps._prior_inputs(_Comps, {"tokens": grid, "label": np.zeros(1, np.int32)})
+    seq, _, _ = steps._prior_inputs(_Comps, {"tokens": grid, "label": np.zeros(1, np.int32)})
     expected = [100 * i + 10 * j + s for i in range(h) for j in range(w) for s in range(DEPTH)]
     np.testing.assert_array_equal(np.asarray(seq)[0], expected)
 
