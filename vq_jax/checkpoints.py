@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from vq_jax import distributed
 from vq_jax.errors import UserError
 
 ITEMS = ("state", "data", "config")
@@ -125,10 +126,8 @@ class Checkpointer:
                 target = os.path.join(aside, f"{step}.{int(time.time())}")
                 os.replace(os.path.join(self.directory, str(step)), target)
                 logging.warning("Moved the unrestorable checkpoint step %d to %s.", step, target)
-        if jax.process_count() > 1:  # the others reload only once process 0 has moved them
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("checkpoints_set_aside")
+        # the others reload only once process 0 has moved them
+        distributed.barrier(f"checkpoints_set_aside_{'_'.join(map(str, steps))}")
         self._manager.reload()
 
 

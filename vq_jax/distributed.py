@@ -220,3 +220,23 @@ def initialize(settings: Settings, env: Mapping[str, str] | None = None) -> Plan
             flush=True,
         )
     return decided
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Every process waits here until all have arrived; a no-op in a single process.
+
+    It waits through JAX's coordination service, not through a device collective: processes
+    that compile or tokenize at different speeds (hosts differ, a busy machine) meet here before
+    their next collective, whose CPU transport (gloo) gives up after 30 s of waiting for a peer
+    ("Gloo context initialization failed: DEADLINE_EXCEEDED"). `name` must be unique per call.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    # JAX has no public API for this barrier; orbax's multihost utilities use the same client.
+    from jax._src import distributed as jax_distributed
+
+    jax_distributed.global_state.client.wait_at_barrier(
+        f"vq_jax_{name}", timeout_in_ms=timeout_s * 1000
+    )

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import api, checkpoints, data, finetune, metrics, xla_options
+from vq_jax import api, checkpoints, data, distributed, finetune, metrics, xla_options
 from vq_jax import fid as fid_lib
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
@@ -381,6 +381,7 @@ def run(
                 t0 = time.time()
                 train_step = train_step.lower(state, batch, step_key).compile()
                 print(f"compiled train step in {time.time() - t0:.1f} s", flush=True)
+                distributed.barrier(f"compiled_train_step_{start}")  # before the collectives
                 t_log = time.time()
             state, measurements = train_step(state, batch, step_key)
             done = step + 1
@@ -701,10 +702,7 @@ def cached_tokens(
         np.savez(tmp, tokens=tokens, labels=labels, tokenizer_step=tok.step)
         os.replace(tmp, path)  # atomic: a crash never leaves a partial cache
         print(f"cached {len(tokens)} {split} token grids {tokens.shape[1:]} in {path}", flush=True)
-    if pcount > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"tokens_{split}")
+    distributed.barrier(f"tokens_{split}")  # the others read the cache process 0 wrote
     return tokens, labels
 
 
