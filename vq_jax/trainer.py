@@ -6,6 +6,7 @@ reads the config tree, and, with sample.py, the only place that does I/O.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -32,6 +33,7 @@ from vq_jax.validate import check as check_config
 from vq_jax.workdir_lock import WorkdirLock
 
 DATA_AXIS = "data"
+MAX_IN_FLIGHT = 2  # train steps dispatched but unfinished, at most (bounds the preemption delay)
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -76,9 +78,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class Preemption:
-    """Turns SIGTERM into a save-and-exit request; `step` is where training stands now.
+    """Turns SIGTERM and Ctrl-C (SIGINT) into a save-and-exit request; a second Ctrl-C exits at
+    once (status 130, nothing saved beyond what is on disk).
 
-    One process: our own SIGTERM handler. Several: JAX's preemption service (started by
+    One process: our own handlers. Several: JAX's preemption service (started by
     jax.distributed.initialize) catches SIGTERM on any process and makes every process stop at
     the same sync step; installing our handler there would replace JAX's, and a process that
     stopped on its own would leave the others waiting in a collective. JAX's sync step is one
@@ -87,17 +90,32 @@ class Preemption:
     cache, compilation) then lands on the first step this run trains, not on step 1.
     """
 
-    def __init__(self, step: int = 0) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, step: int = 0, *, exit_now: Callable[[int], Any] = os._exit) -> None:
         self.requested = False
-        self._previous = None
+        self._interrupts = 0
+        self._exit_now = exit_now
+        self._previous: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
         if self._multi:
             self.should_stop(step)
         elif threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                sys.stderr.write("interrupted again: exiting now without saving\n")
+                sys.stderr.flush()
+                self._exit_now(130)
+                return
+            sys.stderr.write(
+                "interrupted: saving the current step, then exiting (Ctrl-C again: exit now)\n"
+            )
+            sys.stderr.flush()
         self.requested = True
 
     def should_stop(self, step: int) -> bool:
@@ -110,8 +128,9 @@ class Preemption:
         return self.requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -184,14 +203,39 @@ def check_data(source: Any, preprocess_fn, config: mlc.ConfigDict) -> None:
         )
 
 
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, with days in front beyond a day ("12d 13:52:19"); "?" when unknown."""
+    if not np.isfinite(seconds) or seconds < 0:
+        return "?"
+    days, rest = divmod(round(seconds), 86400)
+    hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {hms}" if days else hms
+
+
 def _progress(step: int, total: int, rate: float, scalars: dict[str, float]) -> str:
     eta = (total - step) / rate if rate > 0 else float("inf")
-    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
     loss = scalars.get("loss", float("nan"))
     return (
         f"step {step}/{total} ({100 * step / total:.1f}%) | loss {loss:.4f} | "
-        f"{rate:.2f} steps/s | ETA {eta_s}"
+        f"{rate:.2f} steps/s | ETA {format_duration(eta)}"
     )
+
+
+class ProgressLine:
+    """Prints "<what> i/n <unit> (t s)" at most every `every` seconds (the first after `every`),
+    so long evaluations and token caching are not silent."""
+
+    def __init__(self, what: str, total: int | None, unit: str, *, every: float = 10.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.enabled = jax.process_index() == 0
+        self.t0 = self.t_last = time.time()
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        if self.enabled and now - self.t_last >= self.every:
+            self.t_last = now
+            of = f"/{self.total}" if self.total is not None else ""
+            print(f"{self.what} {done}{of} {self.unit} ({now - self.t0:.0f} s)", flush=True)
 
 
 class MetricBuffer:
@@ -201,6 +245,8 @@ class MetricBuffer:
         self._items: list[tuple[int, dict[str, Any]]] = []
 
     def add(self, step: int, measurements: dict[str, jax.Array]) -> None:
+        """`step`: the state's step before this update (a batch poisoned by debug_nan_step=S
+        shows up as step S), which the update advances to step + 1."""
         self._items.append((step, measurements))
 
     def check(self, last_good: int | None) -> None:
@@ -212,8 +258,9 @@ class MetricBuffer:
             bad = sorted(k for k, v in m.items() if not np.all(np.isfinite(v)))
             if bad:
                 raise NonFiniteError(
-                    f"Non-finite {', '.join(bad)} at step {step} "
-                    f"(values: { {k: float(np.mean(m[k])) for k in bad} }). Last good checkpoint: "
+                    f"Non-finite {', '.join(bad)} at step {step} (the update from step {step} to "
+                    f"{step + 1}; values: { {k: float(np.mean(m[k])) for k in bad} }). Last good "
+                    "checkpoint: "
                     f"{last_good if last_good is not None else 'none'}. Lower the learning rate, "
                     "enable gradient clipping (config.optimizer.*.clip_norm), or compute in "
                     "float32."
@@ -237,12 +284,16 @@ def evaluate_split(
     batches: Iterator[dict],
     sharding,
     on_batch: Callable[[dict[str, jax.Array]], None] | None = None,
+    progress: ProgressLine | None = None,
 ) -> tuple[dict[str, float], dict[str, jax.Array] | None]:
     """Exact means over the held-out split (every process passes its own batches; the step
     sums over the global batch), plus the first global batch for the image grid.
-    `on_batch(global_batch)` runs on every batch (e.g. to gather Inception statistics)."""
+    `on_batch(global_batch)` runs on every batch (e.g. to gather Inception statistics);
+    `progress` prints "eval i/n batches" lines while it runs."""
     totals, first = None, None
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if progress is not None:
+            progress.update(i)
         global_batch = to_global(batch, sharding)
         sums = eval_step(params, model_state, global_batch)
         if on_batch is not None:
@@ -307,16 +358,27 @@ def run(
 
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     config_dict = json.loads(config.to_json_best_effort())
-    if ckpt.latest_step() is not None and not tc.allow_config_change:
+    diffs = []
+    if ckpt.latest_step() is not None:
         diffs = config_differences(ckpt.read_config(), config_dict)
-        if diffs:
+        if diffs and not tc.allow_config_change:
             ckpt.close()
             raise UserError(
                 f"{workdir} was created by a different model config ({'; '.join(diffs)}). Use "
                 "another --workdir, or pass --config.train.allow_config_change=True to resume "
                 "anyway."
             )
-    restored = ckpt.restore_latest(abstract, fallback=tc.checkpoint_fallback)
+    try:
+        restored = ckpt.restore_latest(abstract, fallback=tc.checkpoint_fallback and not diffs)
+    except checkpoints.CheckpointError as e:
+        if not diffs:
+            raise
+        ckpt.close()  # nothing is damaged: the changed config no longer fits the saved arrays
+        raise UserError(
+            f"{workdir}'s checkpoints do not fit this config ({'; '.join(diffs)}): "
+            "train.allow_config_change resumes only while the parameter shapes stay the same. "
+            "Go back to the saved values, or use another --workdir."
+        ) from e
     if restored is None:
         state = jax.jit(task.init_fn, out_shardings=repl)(key)
         if task.warm_start is not None:
@@ -330,7 +392,9 @@ def run(
             f.write(config.to_json_best_effort(indent=2))
 
     it = task.make_train_iter()
-    if data_state:  # a converted workdir saves none: its first run starts the stream fresh
+    if data_state and tc.get("reset_data_iterator", False):
+        print("train.reset_data_iterator: the data stream starts from its beginning", flush=True)
+    elif data_state:  # a converted workdir saves none: its first run starts the stream fresh
         it.set_state(data_state)
     train_step = task.make_step(abstract)
     all_finite = jax.jit(
@@ -354,6 +418,8 @@ def run(
 
     final_eval: dict[str, float] = {}
     t_log, step_log = time.time(), start
+    log_seconds = float(tc.get("log_every_seconds", 30.0) or float("inf"))
+    in_flight: collections.deque = collections.deque()
     own_preemption = preemption is None
     preemption = preemption or Preemption(start)
     try:
@@ -374,10 +440,15 @@ def run(
                 print(f"compiled train step in {time.time() - t0:.1f} s", flush=True)
                 t_log = time.time()
             state, measurements = train_step(state, batch, step_key)
+            # At most MAX_IN_FLIGHT steps dispatched and unfinished: a preemption notice then
+            # waits for one step, not for a deep queue (the CPU runs ~30 steps behind otherwise).
+            in_flight.append(measurements)
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                jax.block_until_ready(in_flight.popleft())
             done = step + 1
-            buffer.add(done, measurements)
+            buffer.add(step, measurements)
             is_last = done == total
-            if done % tc.log_every == 0 or is_last:
+            if done % tc.log_every == 0 or is_last or time.time() - t_log >= log_seconds:
                 scalars = buffer.flush(last_ckpt)
                 now = time.time()
                 rate = (done - step_log) / max(now - t_log, 1e-9)
@@ -532,8 +603,9 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         if rfid is not None:
             rfid.start(params, state["model_state"])
             on_batch = rfid.add
+        progress = ProgressLine(f"eval step {step}:", len(batches), "batches")
         result, first = evaluate_split(
-            eval_step, params, state["model_state"], batches, batch_sharding, on_batch
+            eval_step, params, state["model_state"], batches, batch_sharding, on_batch, progress
         )
         if rfid is not None:
             result.update(rfid.finish())
@@ -654,7 +726,9 @@ def cached_tokens(
     rows = np.arange(global_bs)
     owner, row = np.divmod(rows, local_bs)  # row r of a global batch: process `owner`'s row
     t0 = time.time()
+    progress = ProgressLine(f"tokenizing {split}:", len(batches), "batches")
     for j, batch in enumerate(batches):
+        progress.update(j)
         out = jax.device_get(encode(tok._variables(), to_global(batch, sharding)))
         index = owner + (j * local_bs + row) * pcount  # make_eval_batches' example order
         keep = out["mask"] > 0
@@ -738,7 +812,9 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
             n_batches = min(n_batches, tc.eval_batches)
         lb = gb // pcount
         sums = None
+        progress = ProgressLine(f"eval step {step}:", n_batches, "batches")
         for b in range(n_batches):  # full global batches only: every example weighs the same
+            progress.update(b)
             sl = slice(b * gb + pindex * lb, b * gb + (pindex + 1) * lb)
             batch = to_global({"tokens": eval_tokens[sl], "label": eval_labels[sl]}, batch_sharding)
             out = eval_step(state["params"], batch, jax.random.fold_in(eval_key, b))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from vq_jax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError):
     """A checkpoint, config or flag that cannot be converted; the message is one line naming
     the key or field, the value and the fix."""
 
