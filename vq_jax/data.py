@@ -626,7 +626,8 @@ class TrainIterator(grain.DatasetIterator):
             desc = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in changed.items())
             raise UserError(
                 f"Data iterator state does not match this pipeline ({desc}). Restore with the same "
-                "dataset, global batch size and seed, or start the data iterator fresh."
+                "dataset, global batch size and seed, or pass --config.train.reset_data_iterator="
+                "True to start the data stream from its beginning (the model state is kept)."
             )
         self._parent.set_state(state["grain"])
         self._batches = int(state["batches"])

@@ -172,6 +172,25 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 0)
     return grid
 
 
+GRID_MIN_TILE = 128  # pixels: each image of a readable grid is upscaled to at least this size
+GRID_MAX_IMAGES = 64  # images per grid file
+
+
+def upscale(images: np.ndarray, min_size: int = GRID_MIN_TILE) -> np.ndarray:
+    """uint8 [N, H, W, C] enlarged by the smallest integer factor that makes min(H, W) >=
+    `min_size` (nearest neighbour: every pixel stays a crisp block); unchanged when large."""
+    images = np.asarray(images)
+    factor = max(1, -(-min_size // max(min(images.shape[1:3]), 1)))
+    if factor == 1:
+        return images
+    return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def readable_grid(images: np.ndarray, ncols: int, *, min_tile: int = GRID_MIN_TILE) -> np.ndarray:
+    """`image_grid` of images upscaled to >= `min_tile` pixels, for people to look at."""
+    return image_grid(upscale(images, min_tile), ncols)
+
+
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 [H, W] or [H, W, 1|3|4] image as PNG (creates parent directories)."""
     from PIL import Image

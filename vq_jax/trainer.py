@@ -321,6 +321,8 @@ class Task:
     train_iter:  per-process batches of numpy arrays, with get_state() / set_state().
     evaluate:    (state, step, writer) -> scalars; writes its own files (process 0 only).
     warm_start:  a fresh run's initial state -> the state it starts from (fine-tuning), or None.
+    preview:     (state, step, writer) -> None: a cheap first picture (WORKDIR/preview.png) at
+                 a run's first progress line, long before the first evaluation; or None.
     """
 
     init_fn: Callable[[jax.Array], State]
@@ -328,6 +330,7 @@ class Task:
     make_train_iter: Callable[[], Any]
     evaluate: Callable[[State, int, metrics.MetricWriter], dict[str, float]]
     warm_start: Callable[[State], State] | None = None
+    preview: Callable[[State, int, metrics.MetricWriter], None] | None = None
 
 
 def save_json(path: str, obj: Any) -> None:
@@ -420,6 +423,7 @@ def run(
     t_log, step_log = time.time(), start
     log_seconds = float(tc.get("log_every_seconds", 30.0) or float("inf"))
     in_flight: collections.deque = collections.deque()
+    previewed = False
     own_preemption = preemption is None
     preemption = preemption or Preemption(start)
     try:
@@ -448,7 +452,8 @@ def run(
             done = step + 1
             buffer.add(step, measurements)
             is_last = done == total
-            if done % tc.log_every == 0 or is_last or time.time() - t_log >= log_seconds:
+            by_step = done % tc.log_every == 0 or is_last  # the same on every process
+            if by_step or time.time() - t_log >= log_seconds:
                 scalars = buffer.flush(last_ckpt)
                 now = time.time()
                 rate = (done - step_log) / max(now - t_log, 1e-9)
@@ -457,6 +462,11 @@ def run(
                 writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
                 if is_main:
                     print(_progress(done, total, rate, scalars), flush=True)
+                # the preview runs on every process (a collective): only at a step-based log
+                # point when there are several, where they all stop
+                if task.preview and not previewed and (by_step or jax.process_count() == 1):
+                    previewed = True
+                    task.preview(state, done, writer)
             if done % tc.checkpoint_every == 0 or is_last:
                 buffer.check(last_ckpt)
                 save(done)
@@ -585,6 +595,33 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         compiler_options=xla_options.mesh_compiler_options(mesh),
     )
 
+    def pairs_grid(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
+        """Originals above their reconstructions, upscaled to a readable size."""
+        pair = np.concatenate([metrics.to_uint8(x), metrics.to_uint8(recon)])
+        return metrics.readable_grid(pair, ncols=len(x))
+
+    preview_batch: list[jax.Array] = []
+
+    def preview(state: State, step: int, writer: metrics.MetricWriter) -> None:
+        if not preview_batch:  # the first eval batch, read once
+            batches = data.make_eval_batches(
+                eval_src,
+                batch_size=ic.eval_batch_size // pcount,
+                preprocess_fn=preprocess_fn,
+                process_index=pindex,
+                process_count=pcount,
+                max_batches=1,
+            )
+            first = next(iter(batches))
+            preview_batch.append(to_global(first, batch_sharding)["image"])
+        params = state.get("ema_params", state["params"])
+        pairs = jax.device_get(reconstruct(params, state["model_state"], preview_batch[0]))
+        if is_main:
+            grid = pairs_grid(*pairs)
+            metrics.save_png(os.path.join(workdir, "preview.png"), grid)
+            writer.write_images(step, "train/preview", grid[None])
+            print(f"wrote {os.path.join(workdir, 'preview.png')} (reconstructions at step {step})")
+
     inception_weights = config.get("eval", {}).get("inception_weights", "")
     rfid = RFIDStats(comps, mesh, inception_weights) if inception_weights else None
 
@@ -617,10 +654,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         if is_main:
             save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
             if pairs is not None:
-                x, recon = pairs
-                grid = metrics.image_grid(
-                    np.concatenate([metrics.to_uint8(x), metrics.to_uint8(recon)]), ncols=len(x)
-                )
+                grid = pairs_grid(*pairs)
                 metrics.save_png(os.path.join(workdir, "eval", f"step_{step}.png"), grid)
                 writer.write_images(step, "eval/originals_vs_reconstructions", grid[None])
             fid_part = f"rFID {result['rfid']:.2f} (N = {result['rfid_num']}) | " if rfid else ""
@@ -640,7 +674,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         warm_start = functools.partial(
             finetune.warm_start, comps=comps, source=source, sharding=repl
         )
-    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start)
+    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start, preview)
 
 
 class TokenSource:
@@ -769,6 +803,15 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
     cache = os.path.join(workdir, "tokens")
     train_tokens, train_labels = cached_tokens(tok, config, ic.train_split, cache, batch_sharding)
     eval_tokens, eval_labels = cached_tokens(tok, config, ic.eval_split, cache, batch_sharding)
+    unlabeled = int(np.sum(train_labels < 0)) if pc.num_classes else 0
+    if unlabeled:  # label -1: the dataset (or some of its images) has no class
+        raise UserError(
+            f"config.prior.num_classes={pc.num_classes} asks for a class-conditional prior, but "
+            f"{unlabeled} of the {len(train_labels)} {ic.train_split!r} images of "
+            f"{tok.config.input.dataset!r} have no label; set --config.prior.num_classes=0 for an "
+            "unconditional prior (the token cache is kept), or give every image a class (folder "
+            "datasets: one subfolder per class)."
+        )
     if pc.num_classes and train_labels.max() >= pc.num_classes:
         raise UserError(
             f"the dataset has labels up to {train_labels.max()} but config.prior.num_classes="
@@ -831,7 +874,11 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
         labels = np.repeat(np.arange(pc.num_classes), per_class) if pc.num_classes else None
         images, _, _ = prior.generate(num, labels=labels, seed=config.seed)
         if is_main:
-            grid = metrics.image_grid(images, ncols=per_class if pc.num_classes else 8)
+            rows = max(pc.num_classes, 1)  # one row per class, at most GRID_MAX_IMAGES in all
+            cols = max(1, min(per_class, metrics.GRID_MAX_IMAGES // rows))
+            shown = images.reshape(rows, per_class, *images.shape[1:])[:, :cols]
+            shown = shown.reshape(-1, *images.shape[1:])[: metrics.GRID_MAX_IMAGES]
+            grid = metrics.readable_grid(shown, ncols=cols if pc.num_classes else min(cols, 8))
             save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
             metrics.save_png(os.path.join(workdir, "eval", f"samples_step_{step}.png"), grid)
             writer.write_images(step, "eval/samples", grid[None])

@@ -91,6 +91,7 @@ def _optimizer_rules(prefix: str) -> tuple[Rule, ...]:
 RULES: tuple[Rule, ...] = (
     Rule("train.steps", at_least(1), "an int >= 1", 1000),
     Rule("train.log_every", at_least(1), "an int >= 1 (steps between log lines)", 100),
+    Rule("train.log_every_seconds", at_least(0), ">= 0 (0: only every log_every)", 30.0),
     Rule("train.eval_every", at_least(1), "an int >= 1 (steps between evaluations)", 1000),
     Rule("train.checkpoint_every", at_least(1), "an int >= 1 (steps between saves)", 500),
     Rule("train.keep_checkpoints", at_least(1), "an int >= 1 (checkpoints kept)", 3),
