@@ -193,6 +193,7 @@ def check_data(source: Any, preprocess_fn, config: mlc.ConfigDict) -> None:
     """Fails before compilation if the data cannot feed the model (shape, channels, emptiness)."""
     if len(source) == 0:
         raise UserError(f"The dataset {config.input.dataset!r} has no examples.")
+    data.check_sizes(source, config.input.resolution, config.input.resize)
     image = preprocess_fn(source[0]["image"])
     expected = (config.input.resolution, config.input.resolution, config.input.channels)
     if tuple(image.shape) != expected:
@@ -556,6 +557,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
     train_src, eval_src = make_sources(config)
     preprocess_fn = make_preprocess(config)
     check_data(train_src, preprocess_fn, config)
+    data.check_sizes(eval_src, config.input.resolution, config.input.resize)
     ic, tc = config.input, config.train
     pcount, pindex = jax.process_count(), jax.process_index()
 
