@@ -38,11 +38,19 @@ class Checkpointer:
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
+            save_interval_steps=0 if read_only else 1,
             create=not read_only,
             enable_async_checkpointing=async_save and not read_only,
             read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:  # orbax warns that a read-only manager is read-only
+            absl_logger.setLevel(max(level, logging.ERROR))
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        finally:
+            absl_logger.setLevel(level)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

@@ -465,7 +465,9 @@ def run(
                     print(_progress(done, total, rate, scalars), flush=True)
                 # the preview runs on every process (a collective): only at a step-based log
                 # point when there are several, where they all stop
-                if task.preview and not previewed and (by_step or jax.process_count() == 1):
+                evaluates = done % tc.eval_every == 0 or is_last  # draws its own picture
+                ok = by_step or jax.process_count() == 1
+                if task.preview and not previewed and not evaluates and ok:
                     previewed = True
                     task.preview(state, done, writer)
             if done % tc.checkpoint_every == 0 or is_last:
