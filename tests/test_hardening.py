@@ -429,8 +429,8 @@ def test_progress_every_n_seconds_and_preview(tmp_path, capsys):
 
 def test_progress_line_prints_every_interval(capsys, monkeypatch):
     clock = iter([0.0, 5.0, 11.0, 12.0, 25.0])
-    monkeypatch.setattr(trainer.time, "time", lambda: next(clock))
-    p = trainer.ProgressLine("eval step 3:", 20, "batches", every=10.0)
+    monkeypatch.setattr(metrics.time, "time", lambda: next(clock))
+    p = metrics.ProgressLine("eval step 3:", 20, "batches", every=10.0)
     for i in range(1, 5):
         p.update(i)
     assert capsys.readouterr().out.splitlines() == [

@@ -117,7 +117,9 @@ def evaluate_tokenizer(
     counts = np.zeros(tok.codebook_size, np.float64)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     n = 0
+    progress = metrics.ProgressLine(f"evaluate {split}:", None, "images")
     for x, keep in _split_batches(tok, split, batch_size, num):
+        progress.update(n)
         out = jax.device_get(reconstruct(variables, jnp.asarray(x)))
         sums["psnr"] += float(np.sum(out["psnr"][keep], dtype=np.float64))
         sums["ssim"] += float(np.sum(out["ssim"][keep], dtype=np.float64))
@@ -284,8 +286,10 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; -v 0 brings it back
     try:
         _main(argv)
-    except (errors.UserError, FileNotFoundError, ValueError) as e:  # one line, exit 2
+    except errors.UserError as e:  # one line, exit 2
         errors.exit_with("evaluate", e)
+    except (FileNotFoundError, ValueError) as e:  # missing weights, bad images: the same
+        errors.exit_with("evaluate", UserError(errors.one_line(e)))
 
 
 def _main(argv: list[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -212,6 +213,23 @@ def _to_python(value: Any) -> float | int:
     if isinstance(value, int):
         return value
     return float(np.asarray(value))
+
+
+class ProgressLine:
+    """Prints "<what> i/n <unit> (t s)" at most every `every` seconds (the first after `every`),
+    so long evaluations and token caching are not silent."""
+
+    def __init__(self, what: str, total: int | None, unit: str, *, every: float = 10.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.enabled = jax.process_index() == 0
+        self.t0 = self.t_last = time.time()
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        if self.enabled and now - self.t_last >= self.every:
+            self.t_last = now
+            of = f"/{self.total}" if self.total is not None else ""
+            print(f"{self.what} {done}{of} {self.unit} ({now - self.t0:.0f} s)", flush=True)
 
 
 class MetricWriter:

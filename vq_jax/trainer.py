@@ -222,23 +222,6 @@ def _progress(step: int, total: int, rate: float, scalars: dict[str, float]) -> 
     )
 
 
-class ProgressLine:
-    """Prints "<what> i/n <unit> (t s)" at most every `every` seconds (the first after `every`),
-    so long evaluations and token caching are not silent."""
-
-    def __init__(self, what: str, total: int | None, unit: str, *, every: float = 10.0):
-        self.what, self.total, self.unit, self.every = what, total, unit, every
-        self.enabled = jax.process_index() == 0
-        self.t0 = self.t_last = time.time()
-
-    def update(self, done: int) -> None:
-        now = time.time()
-        if self.enabled and now - self.t_last >= self.every:
-            self.t_last = now
-            of = f"/{self.total}" if self.total is not None else ""
-            print(f"{self.what} {done}{of} {self.unit} ({now - self.t0:.0f} s)", flush=True)
-
-
 class MetricBuffer:
     """Holds per-step measurements on device until the next log point (no per-step host sync)."""
 
@@ -285,7 +268,7 @@ def evaluate_split(
     batches: Iterator[dict],
     sharding,
     on_batch: Callable[[dict[str, jax.Array]], None] | None = None,
-    progress: ProgressLine | None = None,
+    progress: metrics.ProgressLine | None = None,
 ) -> tuple[dict[str, float], dict[str, jax.Array] | None]:
     """Exact means over the held-out split (every process passes its own batches; the step
     sums over the global batch), plus the first global batch for the image grid.
@@ -644,7 +627,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         if rfid is not None:
             rfid.start(params, state["model_state"])
             on_batch = rfid.add
-        progress = ProgressLine(f"eval step {step}:", len(batches), "batches")
+        progress = metrics.ProgressLine(f"eval step {step}:", len(batches), "batches")
         result, first = evaluate_split(
             eval_step, params, state["model_state"], batches, batch_sharding, on_batch, progress
         )
@@ -764,7 +747,7 @@ def cached_tokens(
     rows = np.arange(global_bs)
     owner, row = np.divmod(rows, local_bs)  # row r of a global batch: process `owner`'s row
     t0 = time.time()
-    progress = ProgressLine(f"tokenizing {split}:", len(batches), "batches")
+    progress = metrics.ProgressLine(f"tokenizing {split}:", len(batches), "batches")
     for j, batch in enumerate(batches):
         progress.update(j)
         out = jax.device_get(encode(tok._variables(), to_global(batch, sharding)))
@@ -859,7 +842,7 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
             n_batches = min(n_batches, tc.eval_batches)
         lb = gb // pcount
         sums = None
-        progress = ProgressLine(f"eval step {step}:", n_batches, "batches")
+        progress = metrics.ProgressLine(f"eval step {step}:", n_batches, "batches")
         for b in range(n_batches):  # full global batches only: every example weighs the same
             progress.update(b)
             sl = slice(b * gb + pindex * lb, b * gb + (pindex + 1) * lb)
