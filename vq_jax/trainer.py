@@ -425,6 +425,7 @@ def run(
             if step == start:
                 t0 = time.time()
                 train_step = train_step.lower(state, batch, step_key).compile()
+                all_finite = all_finite.lower(state).compile()  # a preemption save: no compile
                 print(f"compiled train step in {time.time() - t0:.1f} s", flush=True)
                 t_log = time.time()
             state, measurements = train_step(state, batch, step_key)
