@@ -461,3 +461,28 @@ def test_readable_grid_is_upscaled_and_sample_grid_is_capped(tmp_path):
         assert im.size == (8 * 128 + 9 * 2, 8 * 128 + 9 * 2)
     with np.load(out) as f:
         assert f["images"].shape == (5000, 32, 32, 1)
+
+
+def test_native_build_says_what_it_does(tmp_path, monkeypatch, capsys):
+    """The one-off build of the oneDNN kernels is announced, not silent (g++ stubbed out)."""
+    import subprocess as sp
+    from pathlib import Path
+
+    from vq_jax import native
+
+    out = tmp_path / "cache" / "libvq_jax_native_test.so"
+    calls = []
+    monkeypatch.setattr(native, "onednn_root", lambda: Path(tmp_path))
+    monkeypatch.setattr(native, "library_path", lambda root: out)
+    monkeypatch.setattr(native.shutil, "which", lambda cxx: "/usr/bin/" + cxx)
+    monkeypatch.setattr(
+        native.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or sp.CompletedProcess(cmd, 0)
+    )
+    assert native.build() == out and out.exists() and len(calls) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(
+        f"vq_jax: building the native CPU kernels (oneDNN convs, GroupNorm) into {out}"
+    )
+    assert err[1].startswith("vq_jax: built the native CPU kernels in ")
+    assert native.build() == out and len(calls) == 1  # cached: silent, no rebuild
+    assert capsys.readouterr().err == ""

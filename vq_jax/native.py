@@ -144,7 +144,11 @@ def build(verbose: bool = True) -> Path:
             )
         os.replace(tmp, out)
         if verbose:
-            print(f"vq_jax: built the native CPU kernels in {time.time() - t0:.0f} s", flush=True)
+            print(
+                f"vq_jax: built the native CPU kernels in {time.time() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
