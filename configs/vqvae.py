@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         dict(
             steps=500_000,
             log_every=100,
-            log_every_seconds=30.0,  # also a progress line this often (0: only every log_every)
+            log_every_seconds=30.0,  # one process: also a progress line this often (0: off)
             eval_every=10_000,
             checkpoint_every=5_000,
             keep_checkpoints=3,

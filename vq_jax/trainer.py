@@ -408,6 +408,7 @@ def run(
     log_seconds = float(tc.get("log_every_seconds", 30.0) or float("inf"))
     in_flight: collections.deque = collections.deque()
     previewed = False
+    single_process = jax.process_count() == 1
     own_preemption = preemption is None
     preemption = preemption or Preemption(start)
     try:
@@ -438,7 +439,10 @@ def run(
             buffer.add(step, measurements)
             is_last = done == total
             by_step = done % tc.log_every == 0 or is_last  # the same on every process
-            if by_step or time.time() - t_log >= log_seconds:
+            # by time only with one process: a NaN found there by one process alone would leave
+            # the others waiting in the next step's collectives
+            by_time = single_process and time.time() - t_log >= log_seconds
+            if by_step or by_time:
                 scalars = buffer.flush(last_ckpt)
                 now = time.time()
                 rate = (done - step_log) / max(now - t_log, 1e-9)
@@ -447,11 +451,9 @@ def run(
                 writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
                 if is_main:
                     print(_progress(done, total, rate, scalars), flush=True)
-                # the preview runs on every process (a collective): only at a step-based log
-                # point when there are several, where they all stop
+                # the preview runs on every process (a collective), at a log point they share
                 evaluates = done % tc.eval_every == 0 or is_last  # draws its own picture
-                ok = by_step or jax.process_count() == 1
-                if task.preview and not previewed and not evaluates and ok:
+                if task.preview and not previewed and not evaluates:
                     previewed = True
                     task.preview(state, done, writer)
             if done % tc.checkpoint_every == 0 or is_last:
