@@ -40,7 +40,7 @@ def _source_config(source: str) -> dict:
             f"config.train.init_from={source!r} holds no checkpoint ({ckpt_dir}); point it at a "
             "trained or converted tokenizer workdir (scripts/convert_checkpoint.py writes one)."
         )
-    ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
+    ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False, read_only=True)
     try:
         return ckpt.read_config()
     finally:
