@@ -486,3 +486,16 @@ def test_native_build_says_what_it_does(tmp_path, monkeypatch, capsys):
     assert err[1].startswith("vq_jax: built the native CPU kernels in ")
     assert native.build() == out and len(calls) == 1  # cached: silent, no rebuild
     assert capsys.readouterr().err == ""
+
+
+def test_plain_kinds_print_without_their_class_name(capsys):
+    from vq_jax.convert import ConversionError
+
+    for error in (validate.ConfigError("config.x=1 is out of range."), ConversionError("bad.")):
+        with pytest.raises(SystemExit) as exc:
+            errors.exit_with("p.py", error)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == f"p.py: {error}\n"
+    with pytest.raises(SystemExit):
+        errors.exit_with("p.py", trainer.NonFiniteError("nan."))
+    assert capsys.readouterr().err == "p.py: NonFiniteError: nan.\n"

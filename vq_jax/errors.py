@@ -37,10 +37,12 @@ def traceback_requested() -> bool:
 
 def exit_with(program: str, error: BaseException) -> NoReturn:
     """Prints `program: [Kind: ]message` on stderr as one line and exits with status 2 (the
-    kind is named for subclasses, e.g. NonFiniteError, CheckpointError). With --verbosity=1 (or
-    more) the error is raised again instead, so its traceback shows."""
+    kind is named for subclasses, e.g. NonFiniteError, CheckpointError, unless the subclass
+    itself sets `plain = True`: its messages already say what kind of mistake they are).
+    With --verbosity=1 (or more) the error is raised again instead, so its traceback shows."""
     if traceback_requested():
         raise error
-    kind = "" if type(error) in (UserError, MissingFileError) else f"{type(error).__name__}: "
+    plain = type(error) in (UserError, MissingFileError) or vars(type(error)).get("plain", False)
+    kind = "" if plain else f"{type(error).__name__}: "
     print(f"{program}: {kind}{one_line(error)}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -24,6 +24,8 @@ from vq_jax.errors import UserError
 class ConfigError(UserError):
     """One or more config values are out of range."""
 
+    plain = True  # the message names the config field: the class name adds nothing
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:

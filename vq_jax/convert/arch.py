@@ -11,6 +11,8 @@ class ConversionError(UserError):
     """A checkpoint, config or flag that cannot be converted; the message is one line naming
     the key or field, the value and the fix."""
 
+    plain = True  # printed by the script without the class name
+
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
