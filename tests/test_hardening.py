@@ -499,3 +499,27 @@ def test_plain_kinds_print_without_their_class_name(capsys):
     with pytest.raises(SystemExit):
         errors.exit_with("p.py", trainer.NonFiniteError("nan."))
     assert capsys.readouterr().err == "p.py: NonFiniteError: nan.\n"
+
+
+def test_prior_labels_and_inpainting_mask_are_checked(tok_workdir):
+    """Checked before any sampling: a stand-in prior with 10 classes over a real tokenizer."""
+    from types import SimpleNamespace
+
+    tok = vq_jax.load(tok_workdir)
+    comps = SimpleNamespace(model=SimpleNamespace(num_classes=10))
+    prior = api.Prior(prior_configs.get_config("tiny"), comps, None, tok, 0)
+    np.testing.assert_array_equal(prior._labels(4, None), [0, 1, 2, 3])  # cycles the classes
+    np.testing.assert_array_equal(prior._labels(3, 7), [7, 7, 7])
+    for labels, match in (
+        ([3, 10], r"class labels must lie in \[0, 10\) .*got \[10\]"),
+        (-1, r"got \[-1\]"),
+        ([1, 2, 3], r"give one int class or 2 of them"),
+        ([0.5, 1.0], r"give one int class or 2 of them"),
+    ):
+        with pytest.raises(errors.UserError, match=match):
+            prior._labels(2, labels)
+    images = np.zeros((2, 16, 16, 1), np.uint8)
+    mask = np.zeros((2, 16, 16), bool)
+    mask[0, 4:8, 4:8] = True
+    with pytest.raises(errors.UserError, match=r"mask of image\(s\) \[1\] selects no pixel"):
+        prior.inpaint(images, mask)
