@@ -58,11 +58,15 @@ flags.mark_flags_as_required(["out"])
 
 
 def save(out: str, grid_images: np.ndarray, ncols: int, **arrays: np.ndarray) -> None:
+    """Writes the arrays to `out` and a readable PNG grid of (at most GRID_MAX_IMAGES, whole
+    rows) `grid_images`, each upscaled to >= GRID_MIN_TILE pixels, next to it."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.savez_compressed(out, **arrays)
     png = os.path.splitext(out)[0] + ".png"
-    metrics.save_png(png, metrics.image_grid(grid_images, ncols=ncols))
-    print(f"wrote {out} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())}) and {png}")
+    shown = max(ncols, metrics.GRID_MAX_IMAGES // ncols * ncols)
+    metrics.save_png(png, metrics.readable_grid(grid_images[:shown], ncols=ncols))
+    part = f" (the first {shown} of {len(grid_images)})" if len(grid_images) > shown else ""
+    print(f"wrote {out} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())}) and {png}{part}")
 
 
 def main(argv: list[str]) -> None:
@@ -86,11 +90,7 @@ def main(argv: list[str]) -> None:
                 f"--tokens={_TOKENS.value}: no such file; write one with --mode=encode "
                 "(an .npz with an 'indices' or 'tokens' array)."
             )
-        with np.load(_TOKENS.value) as f:
-            key = "indices" if "indices" in f else "tokens"
-            if key not in f:
-                raise app.UsageError(f"{_TOKENS.value} has no 'indices' or 'tokens' array.")
-            tokens = f[key]
+        tokens = read_tokens(_TOKENS.value)
         images = np.concatenate(
             [tok.decode(tokens[i : i + _BATCH.value]) for i in range(0, len(tokens), _BATCH.value)]
         )
@@ -127,6 +127,25 @@ def main(argv: list[str]) -> None:
         indices=indices_np,
         labels=labels_np,
     )
+
+
+def read_tokens(path: str) -> np.ndarray:
+    """The 'indices' (or 'tokens') array of an .npz written by --mode=encode / generate."""
+    fix = "pass an .npz written by sample.py --mode=encode (or generate / inpaint)"
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # text, pickle, truncated: numpy's words mislead
+        raise errors.UserError(f"--tokens={path} is not an .npz file; {fix}.") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise errors.UserError(f"--tokens={path} holds a bare array, not an .npz; {fix}.")
+    with f:
+        key = "indices" if "indices" in f else "tokens"
+        if key not in f:
+            raise errors.UserError(
+                f"--tokens={path} has no 'indices' or 'tokens' array (it has {list(f.keys())}); "
+                f"{fix}."
+            )
+        return f[key]
 
 
 def parse_box(box: list[str], h: int, w: int) -> tuple[int, int, int, int]:

@@ -88,12 +88,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         dict(
             steps=300_000,
             log_every=100,
+            log_every_seconds=30.0,  # one process: also a progress line this often (0: off)
             eval_every=10_000,
             checkpoint_every=5_000,
             keep_checkpoints=3,
             eval_batches=0,
             checkpoint_fallback=True,
             allow_config_change=False,
+            reset_data_iterator=False,  # resume with the data stream from its beginning
             skip_nonfinite_steps=False,
             debug_nan_step=-1,
         )

@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         dict(
             steps=500_000,
             log_every=100,
+            log_every_seconds=30.0,  # one process: also a progress line this often (0: off)
             eval_every=10_000,
             checkpoint_every=5_000,
             keep_checkpoints=3,
@@ -120,6 +121,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             num_sample_images=16,
             checkpoint_fallback=True,  # a damaged newest checkpoint -> resume from the previous
             allow_config_change=False,  # resume a workdir whose model config differs
+            # resume with the data stream from its beginning (the saved position is for another
+            # dataset, batch size or seed); the model and optimizer state are restored as usual
+            reset_data_iterator=False,
             # a tokenizer workdir (a converted one too) whose generator weights start a new run;
             # its model / quantizer config replaces this one's; discriminator and optimizer start
             # fresh. Unlike resume, only the generator is taken. Ignored once W has a checkpoint.

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vq_jax import convert  # after the sys.path line above
+from vq_jax import convert, errors  # after the sys.path line above
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,8 +86,8 @@ def main(argv: list[str]) -> None:
             resolution=_RESOLUTION.value,
         )
         lpips_path = _LPIPS_OUT.value and write_lpips(_CHECKPOINT.value, _LPIPS_OUT.value)
-    except convert.ConversionError as e:
-        sys.exit(f"convert_checkpoint.py: {e}")
+    except errors.UserError as e:  # ConversionError included: one line, exit 2
+        errors.exit_with("convert_checkpoint.py", e)
     m, q = config.model, config.quantizer
     print(
         f"wrote {_WORKDIR.value}: {_SOURCE.value} tokenizer, ch {m.ch} x {tuple(m.ch_mult)}, "

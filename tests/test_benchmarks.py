@@ -6,6 +6,7 @@ These check the scripts work and their reports are complete and consistent, not 
 import json
 import os
 
+import pytest
 from subproc import run_script
 
 
@@ -71,3 +72,21 @@ def test_vs_taming_needs_a_checkout(tmp_path):
     )
     assert proc.returncode != 0
     assert "taming-transformers checkout" in proc.stderr
+
+
+@pytest.mark.slow
+def test_preemption_benchmark_reports_the_exit(tmp_path):
+    r = _report(
+        tmp_path,
+        "benchmarks.preemption",
+        "--config=configs/vqvae.py:tiny",
+        "--signal=SIGINT",
+        f"--workdir={tmp_path / 'w'}",
+        "--override=--config.train.steps=100000",
+        "--override=--config.train.log_every=5",
+        "--override=--config.train.eval_every=100000",
+        "--override=--config.train.checkpoint_every=100000",
+    )
+    assert r["exit_status"] == 0 and r["signal"] == "SIGINT"
+    assert r["saved_step"] >= 10 and 0 < r["seconds_to_exit"] < 60
+    assert str(r["saved_step"]) in os.listdir(tmp_path / "w" / "checkpoints")

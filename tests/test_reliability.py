@@ -151,7 +151,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
 def test_injected_nan_stops_with_step_and_writes_no_nan_checkpoint(tmp_path):
     workdir = str(tmp_path / "w")
     config = _tiny(steps=6, checkpoint_every=2, log_every=3, debug_nan_step=2)
-    with pytest.raises(trainer.NonFiniteError, match=r"at step 3 .*Last good checkpoint: 2"):
+    with pytest.raises(trainer.NonFiniteError, match=r"at step 2 .*Last good checkpoint: 2"):
         trainer.train(config, workdir)
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     assert ckpt.steps() == [2]
@@ -181,7 +181,7 @@ def _raises(config, match, workdir):
 
 def test_unknown_config_key_is_rejected(tmp_path):
     proc = run_script(*train_args("vqvae", tmp_path, "--config.train.stepz=3"), check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "invalid config override" in proc.stderr and 'Did you mean "steps"' in proc.stderr
     assert "Traceback" not in proc.stderr
 

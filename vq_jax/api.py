@@ -1,8 +1,14 @@
 """Use a trained tokenizer from its workdir in three lines:
 
 tok = vq_jax.load("W")
-tokens = tok.encode(images)      # uint8 [N,H,W,C] (or float in [-1,1]) -> int32 [N,h,w]
+tokens = tok.encode(images)      # uint8 [N,H,W,C] -> int32 [N,h,w]
 images = tok.decode(tokens)      # -> uint8 [N,H,W,C]
+
+Pixels are uint8 in [0, 255]. Float pixels are taken only with their range stated:
+`tok.encode(x, value_range=(-1, 1))` (what training feeds the model), `(0, 1)` or `(0, 255)`;
+any other dtype (int64, bool, a Python list) is refused with the fix, as are NaN/Inf values,
+floats outside the stated range and an empty batch: a guessed convention would give tokens
+that silently disagree with the uint8 ones.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import checkpoints, data, xla_options
+from vq_jax import checkpoints, data, validate, xla_options
 from vq_jax import state as state_lib
 from vq_jax.errors import MissingFileError, UserError
 from vq_jax.metrics import to_uint8
+
+# The float conventions `Tokenizer.encode` accepts (stated with value_range=...).
+FLOAT_RANGES = ((-1.0, 1.0), (0.0, 1.0), (0.0, 255.0))
 
 
 def config_from_dict(d: dict) -> mlc.ConfigDict:
@@ -46,7 +55,7 @@ def restore_state(
             f"No checkpoints in {workdir!r} (expected {ckpt_dir}); train one first with "
             f"`python train.py --config=... --workdir={workdir}`."
         )
-    ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
+    ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False, read_only=True)  # never writes
     try:
         if not ckpt.steps():
             raise MissingFileError(
@@ -131,19 +140,60 @@ class Tokenizer:
     def _variables(self) -> dict:
         return {"params": self.params, **self.model_state}
 
-    def as_float(self, images: np.ndarray) -> jax.Array:
-        """uint8 [N,H,W,C] (or float in [-1, 1]) -> float32 in [-1, 1], shape checked."""
+    def as_float(
+        self, images: np.ndarray, value_range: tuple[float, float] | None = None
+    ) -> jax.Array:
+        """uint8 [N,H,W,C] (or float in the stated `value_range`) -> float32 in [-1, 1];
+        dtype, range, finiteness, emptiness and shape checked (see the module docstring)."""
+        if not isinstance(images, np.ndarray | jax.Array):
+            raise UserError(
+                f"images is a {type(images).__name__}; pass an array: np.asarray(images, "
+                "np.uint8) for pixels in [0, 255] (or floats with value_range=(lo, hi))."
+            )
         images = np.asarray(images)
+        shape_hint = f"[N, {', '.join(str(d) for d in self.image_shape)}]"
         if images.ndim == 3:
             images = images[..., None] if self.image_shape[2] == 1 else images[None]
-        if tuple(images.shape[1:]) != self.image_shape:
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise UserError(
-                f"images have shape {images.shape[1:]} but this tokenizer takes {self.image_shape} "
-                "(preprocess them the way training did: vq_jax.data.preprocess)."
+                f"images have shape {images.shape[1:] if images.ndim == 4 else images.shape} but "
+                f"this tokenizer takes {self.image_shape} images, i.e. {shape_hint} (preprocess "
+                "them the way training did: vq_jax.data.preprocess)."
             )
+        if images.shape[0] == 0:
+            raise UserError(f"images is an empty batch (shape {images.shape}); pass N >= 1.")
+        lo_hi = None if value_range is None else tuple(float(v) for v in value_range)
         if images.dtype == np.uint8:
+            if lo_hi not in (None, (0.0, 255.0)):
+                raise UserError(
+                    f"value_range={value_range} for uint8 images; uint8 pixels are [0, 255]: drop "
+                    "value_range (it is for float images)."
+                )
             return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-        return jnp.asarray(images, jnp.float32)
+        if images.dtype.kind != "f":
+            raise UserError(
+                f"images have dtype {images.dtype}; pass uint8 pixels in [0, 255] "
+                "(images.astype(np.uint8)) or floats with value_range=(-1, 1), (0, 1) or (0, 255)."
+            )
+        if lo_hi not in FLOAT_RANGES:
+            raise UserError(
+                f"float images need their range stated: value_range={value_range} is not one of "
+                f"{[tuple(r) for r in FLOAT_RANGES]}; e.g. tok.encode(x, value_range=(-1, 1)) for "
+                "what training feeds the model, or pass uint8 pixels."
+            )
+        x = images.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise UserError(
+                f"images hold {int(np.sum(~np.isfinite(x)))} NaN/Inf values; pass finite pixels."
+            )
+        lo, hi = lo_hi
+        tol = 1e-3 * (hi - lo)
+        if x.min() < lo - tol or x.max() > hi + tol:
+            raise UserError(
+                f"images span [{x.min():.4g}, {x.max():.4g}] but value_range={value_range}; pass "
+                "the range they are in (e.g. (0, 255) for pixel values) or rescale them."
+            )
+        return jnp.asarray((x - lo) * (2.0 / (hi - lo)) - 1.0)
 
     @functools.cached_property
     def _encode(self):
@@ -159,9 +209,12 @@ class Tokenizer:
             compiler_options=xla_options.compiler_options(),
         )
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N,H,W,C] (or float in [-1, 1]) -> int32 token grids [N, *token_shape]."""
-        return np.asarray(self._encode(self._variables(), self.as_float(images)))
+    def encode(
+        self, images: np.ndarray, *, value_range: tuple[float, float] | None = None
+    ) -> np.ndarray:
+        """uint8 [N,H,W,C] -> int32 token grids [N, *token_shape]; float images only with their
+        `value_range` stated: (-1, 1), (0, 1) or (0, 255)."""
+        return np.asarray(self._encode(self._variables(), self.as_float(images, value_range)))
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """int32 token grids [N, *token_shape] -> uint8 images [N, H, W, C]."""
@@ -179,8 +232,10 @@ class Tokenizer:
         out = self._decode(self._variables(), jnp.asarray(tokens, jnp.int32))
         return to_uint8(np.asarray(out))
 
-    def reconstruct(self, images: np.ndarray) -> np.ndarray:
-        return self.decode(self.encode(images))
+    def reconstruct(
+        self, images: np.ndarray, *, value_range: tuple[float, float] | None = None
+    ) -> np.ndarray:
+        return self.decode(self.encode(images, value_range=value_range))
 
 
 def load(
@@ -242,6 +297,12 @@ def iterate_split(
 # --- stage 2 ------------------------------------------------------------------------------------
 
 
+def check_num(num: Any) -> None:
+    """`num` images to make: an int >= 1 (0 or a negative number is refused, not rounded)."""
+    if isinstance(num, bool) or not isinstance(num, int | np.integer) or num < 1:
+        raise UserError(f"num={num!r}: the number of images must be an int >= 1 (e.g. num=64).")
+
+
 def token_mask_from_pixels(pixel_mask: np.ndarray, factor: int) -> np.ndarray:
     """Tokens whose f x f receptive block touches a masked pixel: bool [N,H,W] -> [N,H/f,W/f]."""
     n, h, w = pixel_mask.shape
@@ -274,8 +335,14 @@ class Prior:
 
         if self.num_classes and labels is None:
             labels = np.arange(num) % self.num_classes
-        if labels is not None:
-            labels = np.broadcast_to(np.asarray(labels, np.int32), (num,))
+        if labels is not None:  # the API's input: dtype and count; check_labels: the range
+            given = np.asarray(labels)
+            if given.dtype.kind not in "iu" or given.ndim > 1 or given.size not in (1, num):
+                raise UserError(
+                    f"labels={labels!r}: give one int class or {num} of them (an int array "
+                    f"[{num}]) in [0, {self.num_classes}), or none to cycle through the classes."
+                )
+            labels = np.broadcast_to(given.astype(np.int32), (num,))
         return check_labels(labels, self.num_classes, num, null_ok=False)
 
     def sample_tokens(
@@ -295,10 +362,12 @@ class Prior:
         fastest."""
         from vq_jax import priors  # deferred: only generation needs the samplers
 
+        check_num(num)
         sc = self.config.sampling.copy_and_resolve_references()
         for k, v in overrides.items():
             if v is not None:
                 sc[k] = v
+        validate.check_sampling(sc)
         key = jax.random.key(seed)
         lab = self._labels(num, labels)
         flat = lambda a: None if a is None else jnp.asarray(np.asarray(a).reshape(num, -1))
@@ -343,6 +412,13 @@ class Prior:
             raise UserError(
                 f"the inpainting mask has shape {pixel_mask.shape[1:]} but the images are {h}x{w}; "
                 "give one mask pixel per image pixel (True = fill in)."
+            )
+        empty = [i for i in range(len(images)) if not pixel_mask[i].any()]
+        if empty:
+            raise UserError(
+                f"the inpainting mask of image(s) {empty[:10]} selects no pixel, so nothing would "
+                "be filled in; mark the region to fill with True (sample.py: --box=y0,x0,y1,x1 "
+                "with y0 < y1 and x0 < x1)."
             )
         known = self.tokenizer.encode(images)
         token_mask = token_mask_from_pixels(pixel_mask, self.tokenizer.downsample_factor)

@@ -30,12 +30,28 @@ class CheckpointError(UserError, RuntimeError):
 class Checkpointer:
     """Thin wrapper around `ocp.CheckpointManager` with fallback to older steps on corruption."""
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
+    ):
+        """`read_only`: for loading (api.load, sample.py, evaluation): nothing in `directory` is
+        created, moved or deleted, and a damaged step is skipped, not set aside."""
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=None if read_only else keep,
+            save_interval_steps=0 if read_only else 1,
+            create=not read_only,
+            enable_async_checkpointing=async_save and not read_only,
+            read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:  # orbax warns that a read-only manager is read-only
+            absl_logger.setLevel(max(level, logging.ERROR))
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        finally:
+            absl_logger.setLevel(level)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -105,12 +121,14 @@ class Checkpointer:
                 logging.warning("%s Falling back to the previous checkpoint.", msg)
                 broken.append(step)
                 continue
-            self._set_aside(broken)
+            if not self.read_only:
+                self._set_aside(broken)
             return step, state, data_state, config
         if steps:
             raise CheckpointError(
-                f"None of the checkpoints {steps} in {self.directory} can be restored; start a new "
-                "workdir or remove the damaged steps."
+                f"None of the checkpoints {steps} in {self.directory} can be restored (the "
+                "warnings above say why); if their files are damaged, start a new workdir; if the "
+                "config changed, restore its saved values."
             )
         return None
 

@@ -228,15 +228,16 @@ def _image_channels(mode: str) -> int:
     return 1 if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F") else 3
 
 
-def _check_image_file(path: str) -> tuple[str, str | None]:
-    """Cheap validity check (PIL verify: header + structure, PNG CRCs); returns (mode, error)."""
+def _check_image_file(path: str) -> tuple[str, str | None, tuple[int, int]]:
+    """Cheap validity check (PIL verify: header + structure, PNG CRCs); returns (mode, error,
+    (height, width))."""
     try:
         with Image.open(path) as img:
-            mode = img.mode
+            mode, (w, h) = img.mode, img.size
             img.verify()
-        return mode, None
+        return mode, None, (h, w)
     except Exception as e:
-        return "", f"{type(e).__name__}: {e}"
+        return "", f"{type(e).__name__}: {e}", (0, 0)
 
 
 class FolderSource:
@@ -291,7 +292,7 @@ class FolderSource:
         paths = [os.path.join(split_root, f) for f in files]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             checks = list(pool.map(_check_image_file, paths))
-        bad = [(p, err) for p, (_, err) in zip(paths, checks, strict=True) if err is not None]
+        bad = [(p, err) for p, (_, err, _) in zip(paths, checks, strict=True) if err is not None]
         if bad and on_corrupt == "error":
             raise UserError(
                 f"Corrupt or unreadable image {bad[0][0]} ({bad[0][1]}); {len(bad)} bad file(s) "
@@ -306,11 +307,12 @@ class FolderSource:
                 bad[0][1],
             )
         self.num_skipped = len(bad)
-        keep = [i for i, (_, err) in enumerate(checks) if err is None]
+        keep = [i for i, (_, err, _) in enumerate(checks) if err is None]
         if not keep:
             raise UserError(f"All {len(paths)} images under {split_root} are unreadable.")
         self.root = split_root
         self.paths = [paths[i] for i in keep]
+        self.sizes = [checks[i][2] for i in keep]  # (height, width) of each file, from its header
         rel_parts = [files[i].split("/") for i in keep]
         self._labels = np.array(
             [class_index[p[0]] if len(p) > 1 else -1 for p in rel_parts], dtype=np.int32
@@ -571,6 +573,23 @@ def preprocess(
     return image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
 
 
+def check_sizes(source: Any, resolution: int, resize: str) -> None:
+    """Under resize='none' every image must already be resolution x resolution: checks the
+    sizes a source read from the file headers (FolderSource), naming the first misfit, so a
+    mixed folder fails at start, not when a batch first reaches that file."""
+    sizes = getattr(source, "sizes", None)
+    if resize != "none" or not sizes:
+        return
+    bad = [i for i, hw in enumerate(sizes) if tuple(hw) != (resolution, resolution)]
+    if bad:
+        h, w = sizes[bad[0]]
+        raise UserError(
+            f"{len(bad)} of {len(sizes)} images are not {resolution}x{resolution}, which "
+            f"resize='none' needs; the first is {source.paths[bad[0]]} ({h}x{w}). Use "
+            "--config.input.resize=resize_crop (or pad), or resize those files."
+        )
+
+
 def make_preprocess_fn(
     *,
     resolution: int,
@@ -672,7 +691,8 @@ class TrainIterator(grain.DatasetIterator):
             desc = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in changed.items())
             raise UserError(
                 f"Data iterator state does not match this pipeline ({desc}). Restore with the same "
-                "dataset, global batch size and seed, or start the data iterator fresh."
+                "dataset, global batch size and seed, or pass --config.train.reset_data_iterator="
+                "True to start the data stream from its beginning (the model state is kept)."
             )
         self._parent.set_state(state["grain"])
         self._batches = int(state["batches"])

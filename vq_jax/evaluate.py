@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vq_jax import api, data, metrics
+from vq_jax import api, data, errors, metrics
 from vq_jax import fid as fid_lib
+from vq_jax.errors import UserError
 from vq_jax.nets import lpips as lpips_lib
 
 
@@ -117,7 +117,9 @@ def evaluate_tokenizer(
     counts = np.zeros(tok.codebook_size, np.float64)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     n = 0
+    progress = metrics.ProgressLine(f"evaluate {split}:", None, "images")
     for x, keep in _split_batches(tok, split, batch_size, num):
+        progress.update(n)
         out = jax.device_get(reconstruct(variables, jnp.asarray(x)))
         sums["psnr"] += float(np.sum(out["psnr"][keep], dtype=np.float64))
         sums["ssim"] += float(np.sum(out["ssim"][keep], dtype=np.float64))
@@ -130,7 +132,7 @@ def evaluate_tokenizer(
             fake_acc.add(features(metrics.to_uint8(out["recon"][keep])))
         n += int(keep.sum())
     if n == 0:
-        raise ValueError(f"split={split!r} of the tokenizer's dataset has no images")
+        raise UserError(f"split={split!r} of the tokenizer's dataset has no images")
     stats = metrics.codebook_stats(jnp.asarray(counts, jnp.float32))
     result: dict[str, Any] = {
         "workdir": workdir,
@@ -148,7 +150,7 @@ def evaluate_tokenizer(
         result["lpips_weights"] = lpips_weights
     if features is not None:
         if n < 2:
-            raise ValueError(f"rFID needs at least 2 images, got --num={n}")
+            raise UserError(f"rFID needs at least 2 images, got --num={n}")
         real = real_acc.statistics()
         if stats_dir:  # the split's statistics, for gFID and later runs
             path = stats_cache_path(stats_dir, tok.config, split, n)
@@ -277,48 +279,59 @@ def _summary(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    from absl import flags, logging
+
+    f = flags.FLAGS
+    if not f["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; -v 0 brings it back
+    try:
+        _main(argv)
+    except errors.UserError as e:  # one line, exit 2
+        errors.exit_with("evaluate", e)
+    except (FileNotFoundError, ValueError) as e:  # missing weights, bad images: the same
+        errors.exit_with("evaluate", UserError(errors.one_line(e)))
+
+
+def _main(argv: list[str]) -> None:
     from absl import flags
 
     f = flags.FLAGS
     if len(argv) > 1:
-        sys.exit(f"evaluate: unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
     if bool(f.workdir) == bool(f.prior_workdir):
-        sys.exit("evaluate: give exactly one of --workdir=W (tokenizer) or --prior_workdir=P")
+        raise UserError("give exactly one of --workdir=W (tokenizer) or --prior_workdir=P.")
     inception = os.path.expanduser(f.inception_weights or fid_lib.default_weights_path())
     lpips_w = os.path.expanduser(f.lpips_weights or lpips_lib.default_weights_path())
-    try:
-        if f.workdir:
-            result = evaluate_tokenizer(
-                f.workdir,
-                split=f.split,
-                num=f.num,
-                batch_size=f.batch_size,
-                inception_weights=inception if f.fid else None,
-                lpips_weights=lpips_w if f.lpips else None,
-                stats_dir=f.stats_dir,
-                step=f.step,
-            )
-            out = f.out or os.path.join(f.workdir, "eval", f"evaluate_{f.split}.json")
-        else:
-            if not f.fid:
-                sys.exit("evaluate: --prior_workdir measures gFID; drop --nofid")
-            result = evaluate_prior(
-                f.prior_workdir,
-                split=f.split,
-                num_samples=f.num_samples,
-                batch_size=f.batch_size,
-                seed=f.seed,
-                inception_weights=inception,
-                stats_dir=f.stats_dir,
-                num_reference=f.num_reference,
-                temperature=f.temperature,
-                top_k=f.top_k,
-                top_p=f.top_p,
-                cfg_scale=f.cfg_scale,
-            )
-            out = f.out or os.path.join(f.prior_workdir, "eval", f"gfid_{f.split}.json")
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"evaluate: {e}")
+    if f.workdir:
+        result = evaluate_tokenizer(
+            f.workdir,
+            split=f.split,
+            num=f.num,
+            batch_size=f.batch_size,
+            inception_weights=inception if f.fid else None,
+            lpips_weights=lpips_w if f.lpips else None,
+            stats_dir=f.stats_dir,
+            step=f.step,
+        )
+        out = f.out or os.path.join(f.workdir, "eval", f"evaluate_{f.split}.json")
+    else:
+        if not f.fid:
+            raise UserError("--prior_workdir measures gFID; drop --nofid.")
+        result = evaluate_prior(
+            f.prior_workdir,
+            split=f.split,
+            num_samples=f.num_samples,
+            batch_size=f.batch_size,
+            seed=f.seed,
+            inception_weights=inception,
+            stats_dir=f.stats_dir,
+            num_reference=f.num_reference,
+            temperature=f.temperature,
+            top_k=f.top_k,
+            top_p=f.top_p,
+            cfg_scale=f.cfg_scale,
+        )
+        out = f.out or os.path.join(f.prior_workdir, "eval", f"gfid_{f.split}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -20,6 +20,7 @@ import jax
 import ml_collections as mlc
 
 from vq_jax import api, checkpoints
+from vq_jax.errors import UserError
 from vq_jax.state import Components, State
 
 KEEP_FROM_RUN = ("dtype", "conv_weight_grad")  # model entries that say how, not what
@@ -35,11 +36,11 @@ def init_from(config: mlc.ConfigDict) -> str:
 def _source_config(source: str) -> dict:
     ckpt_dir = os.path.join(source, "checkpoints")
     if checkpoints.newest_step_dir(ckpt_dir) is None:
-        raise ValueError(
+        raise UserError(
             f"config.train.init_from={source!r} holds no checkpoint ({ckpt_dir}); point it at a "
             "trained or converted tokenizer workdir (scripts/convert_checkpoint.py writes one)."
         )
-    ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
+    ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False, read_only=True)
     try:
         return ckpt.read_config()
     finally:
@@ -52,7 +53,7 @@ def with_source_generator(config: mlc.ConfigDict, workdir: str) -> mlc.ConfigDic
     if not source:
         return config
     if os.path.abspath(source) == os.path.abspath(workdir):
-        raise ValueError(
+        raise UserError(
             f"config.train.init_from={source!r} is this run's own workdir; to continue a run, "
             "drop init_from (a restart resumes), or pass a new --workdir to fine-tune."
         )
@@ -61,13 +62,13 @@ def with_source_generator(config: mlc.ConfigDict, workdir: str) -> mlc.ConfigDic
     own = os.path.join(workdir, "checkpoints")
     saved = _source_config(workdir if checkpoints.newest_step_dir(own) is not None else source)
     if "prior" in saved or "model" not in saved:
-        raise ValueError(
+        raise UserError(
             f"config.train.init_from={source!r} is not a tokenizer workdir; point it at one "
             "written by train.py with a tokenizer config or by scripts/convert_checkpoint.py."
         )
     channels = saved["input"]["channels"]
     if config.input.channels != channels:
-        raise ValueError(
+        raise UserError(
             f"config.input.channels={config.input.channels} but the generator in {source!r} takes "
             f"{channels}-channel images; pass --config.input.channels={channels} (and "
             "--config.input.convert_channels=True to convert grayscale <-> RGB data)."
@@ -89,7 +90,7 @@ def warm_start(state: State, comps: Components, source: str, sharding: Any) -> S
     _, _, params, model_state, step = api.restore_params(source, sharding=sharding)
     want = jax.tree.structure(state["params"])
     if jax.tree.structure(params) != want:
-        raise ValueError(
+        raise UserError(
             f"the generator in config.train.init_from={source!r} has another parameter tree "
             "than this run's model; fine-tune with the source's model and quantizer config."
         )

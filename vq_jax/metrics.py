@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -172,6 +173,25 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 0)
     return grid
 
 
+GRID_MIN_TILE = 128  # pixels: each image of a readable grid is upscaled to at least this size
+GRID_MAX_IMAGES = 64  # images per grid file
+
+
+def upscale(images: np.ndarray, min_size: int = GRID_MIN_TILE) -> np.ndarray:
+    """uint8 [N, H, W, C] enlarged by the smallest integer factor that makes min(H, W) >=
+    `min_size` (nearest neighbour: every pixel stays a crisp block); unchanged when large."""
+    images = np.asarray(images)
+    factor = max(1, -(-min_size // max(min(images.shape[1:3]), 1)))
+    if factor == 1:
+        return images
+    return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def readable_grid(images: np.ndarray, ncols: int, *, min_tile: int = GRID_MIN_TILE) -> np.ndarray:
+    """`image_grid` of images upscaled to >= `min_tile` pixels, for people to look at."""
+    return image_grid(upscale(images, min_tile), ncols)
+
+
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 [H, W] or [H, W, 1|3|4] image as PNG (creates parent directories)."""
     from PIL import Image
@@ -193,6 +213,23 @@ def _to_python(value: Any) -> float | int:
     if isinstance(value, int):
         return value
     return float(np.asarray(value))
+
+
+class ProgressLine:
+    """Prints "<what> i/n <unit> (t s)" at most every `every` seconds (the first after `every`),
+    so long evaluations and token caching are not silent."""
+
+    def __init__(self, what: str, total: int | None, unit: str, *, every: float = 10.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.enabled = jax.process_index() == 0
+        self.t0 = self.t_last = time.time()
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        if self.enabled and now - self.t_last >= self.every:
+            self.t_last = now
+            of = f"/{self.total}" if self.total is not None else ""
+            print(f"{self.what} {done}{of} {self.unit} ({now - self.t0:.0f} s)", flush=True)
 
 
 class MetricWriter:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import re
@@ -35,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -124,8 +124,14 @@ def build(verbose: bool = True) -> Path:
     if shutil.which(cxx) is None:
         raise NativeUnavailable(f"no C++ compiler {cxx!r} for the oneDNN convs; {INSTALL_HINT}.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if verbose:
-        logging.info("vq_jax: building the native CPU kernels once into %s", out)
+    if verbose:  # a visible line: the build takes a while and happens before any training log
+        print(
+            f"vq_jax: building the native CPU kernels (oneDNN convs, GroupNorm) into {out}, once "
+            "per machine and version",
+            file=sys.stderr,
+            flush=True,
+        )
+    t0 = time.time()
     # Build into a temporary name, then rename: concurrent processes never load a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
@@ -137,6 +143,12 @@ def build(verbose: bool = True) -> Path:
                 f"{proc.stderr[-3000:]}"
             )
         os.replace(tmp, out)
+        if verbose:
+            print(
+                f"vq_jax: built the native CPU kernels in {time.time() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -6,6 +6,7 @@ reads the config tree, and, with sample.py, the only place that does I/O.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -33,6 +34,7 @@ from vq_jax.validate import check as check_config
 from vq_jax.workdir_lock import WorkdirLock
 
 DATA_AXIS = "data"
+MAX_IN_FLIGHT = 2  # train steps dispatched but unfinished, at most (bounds the preemption delay)
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -85,9 +87,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class Preemption:
-    """Turns SIGTERM into a save-and-exit request; `step` is where training stands now.
+    """Turns SIGTERM and Ctrl-C (SIGINT) into a save-and-exit request; a second Ctrl-C exits at
+    once (status 130, nothing saved beyond what is on disk).
 
-    One process: our own SIGTERM handler. Several: JAX's preemption service (started by
+    One process: our own handlers. Several: JAX's preemption service (started by
     jax.distributed.initialize) catches SIGTERM on any process and makes every process stop at
     the same sync step; installing our handler there would replace JAX's, and a process that
     stopped on its own would leave the others waiting in a collective. JAX's sync step is one
@@ -96,17 +99,32 @@ class Preemption:
     cache, compilation) then lands on the first step this run trains, not on step 1.
     """
 
-    def __init__(self, step: int = 0) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, step: int = 0, *, exit_now: Callable[[int], Any] = os._exit) -> None:
         self.requested = False
-        self._previous = None
+        self._interrupts = 0
+        self._exit_now = exit_now
+        self._previous: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
         if self._multi:
             self.should_stop(step)
         elif threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                sys.stderr.write("interrupted again: exiting now without saving\n")
+                sys.stderr.flush()
+                self._exit_now(130)
+                return
+            sys.stderr.write(
+                "interrupted: saving the current step, then exiting (Ctrl-C again: exit now)\n"
+            )
+            sys.stderr.flush()
         self.requested = True
 
     def should_stop(self, step: int) -> bool:
@@ -119,8 +137,9 @@ class Preemption:
         return self.requested
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -183,6 +202,7 @@ def check_data(source: Any, preprocess_fn, config: mlc.ConfigDict) -> None:
     """Fails before compilation if the data cannot feed the model (shape, channels, emptiness)."""
     if len(source) == 0:
         raise UserError(f"The dataset {config.input.dataset!r} has no examples.")
+    data.check_sizes(source, config.input.resolution, config.input.resize)
     image = preprocess_fn(source[0]["image"])
     expected = (config.input.resolution, config.input.resolution, config.input.channels)
     if tuple(image.shape) != expected:
@@ -193,13 +213,21 @@ def check_data(source: Any, preprocess_fn, config: mlc.ConfigDict) -> None:
         )
 
 
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, with days in front beyond a day ("12d 13:52:19"); "?" when unknown."""
+    if not np.isfinite(seconds) or seconds < 0:
+        return "?"
+    days, rest = divmod(round(seconds), 86400)
+    hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {hms}" if days else hms
+
+
 def _progress(step: int, total: int, rate: float, scalars: dict[str, float]) -> str:
     eta = (total - step) / rate if rate > 0 else float("inf")
-    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
     loss = scalars.get("loss", float("nan"))
     return (
         f"step {step}/{total} ({100 * step / total:.1f}%) | loss {loss:.4f} | "
-        f"{rate:.2f} steps/s | ETA {eta_s}"
+        f"{rate:.2f} steps/s | ETA {format_duration(eta)}"
     )
 
 
@@ -210,6 +238,8 @@ class MetricBuffer:
         self._items: list[tuple[int, dict[str, Any]]] = []
 
     def add(self, step: int, measurements: dict[str, jax.Array]) -> None:
+        """`step`: the state's step before this update (a batch poisoned by debug_nan_step=S
+        shows up as step S), which the update advances to step + 1."""
         self._items.append((step, measurements))
 
     def check(self, last_good: int | None) -> None:
@@ -221,8 +251,9 @@ class MetricBuffer:
             bad = sorted(k for k, v in m.items() if not np.all(np.isfinite(v)))
             if bad:
                 raise NonFiniteError(
-                    f"Non-finite {', '.join(bad)} at step {step} "
-                    f"(values: { {k: float(np.mean(m[k])) for k in bad} }). Last good checkpoint: "
+                    f"Non-finite {', '.join(bad)} at step {step} (the update from step {step} to "
+                    f"{step + 1}; values: { {k: float(np.mean(m[k])) for k in bad} }). Last good "
+                    "checkpoint: "
                     f"{last_good if last_good is not None else 'none'}. Lower the learning rate, "
                     "enable gradient clipping (config.optimizer.*.clip_norm), or compute in "
                     "float32."
@@ -246,12 +277,16 @@ def evaluate_split(
     batches: Iterator[dict],
     sharding,
     on_batch: Callable[[dict[str, jax.Array]], None] | None = None,
+    progress: metrics.ProgressLine | None = None,
 ) -> tuple[dict[str, float], dict[str, jax.Array] | None]:
     """Exact means over the held-out split (every process passes its own batches; the step
     sums over the global batch), plus the first global batch for the image grid.
-    `on_batch(global_batch)` runs on every batch (e.g. to gather Inception statistics)."""
+    `on_batch(global_batch)` runs on every batch (e.g. to gather Inception statistics);
+    `progress` prints "eval i/n batches" lines while it runs."""
     totals, first = None, None
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if progress is not None:
+            progress.update(i)
         global_batch = to_global(batch, sharding)
         sums = eval_step(params, model_state, global_batch)
         if on_batch is not None:
@@ -279,6 +314,8 @@ class Task:
     train_iter:  per-process batches of numpy arrays, with get_state() / set_state().
     evaluate:    (state, step, writer) -> scalars; writes its own files (process 0 only).
     warm_start:  a fresh run's initial state -> the state it starts from (fine-tuning), or None.
+    preview:     (state, step, writer) -> None: a cheap first picture (WORKDIR/preview.png) at
+                 a run's first progress line, long before the first evaluation; or None.
     """
 
     init_fn: Callable[[jax.Array], State]
@@ -286,6 +323,7 @@ class Task:
     make_train_iter: Callable[[], Any]
     evaluate: Callable[[State, int, metrics.MetricWriter], dict[str, float]]
     warm_start: Callable[[State], State] | None = None
+    preview: Callable[[State, int, metrics.MetricWriter], None] | None = None
 
 
 def save_json(path: str, obj: Any) -> None:
@@ -316,16 +354,27 @@ def run(
 
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     config_dict = json.loads(config.to_json_best_effort())
-    if ckpt.latest_step() is not None and not tc.allow_config_change:
+    diffs = []
+    if ckpt.latest_step() is not None:
         diffs = config_differences(ckpt.read_config(), config_dict)
-        if diffs:
+        if diffs and not tc.allow_config_change:
             ckpt.close()
             raise UserError(
                 f"{workdir} was created by a different model config ({'; '.join(diffs)}). Use "
                 "another --workdir, or pass --config.train.allow_config_change=True to resume "
                 "anyway."
             )
-    restored = ckpt.restore_latest(abstract, fallback=tc.checkpoint_fallback)
+    try:
+        restored = ckpt.restore_latest(abstract, fallback=tc.checkpoint_fallback and not diffs)
+    except checkpoints.CheckpointError as e:
+        if not diffs:
+            raise
+        ckpt.close()  # nothing is damaged: the changed config no longer fits the saved arrays
+        raise UserError(
+            f"{workdir}'s checkpoints do not fit this config ({'; '.join(diffs)}): "
+            "train.allow_config_change resumes only while the parameter shapes stay the same. "
+            "Go back to the saved values, or use another --workdir."
+        ) from e
     if restored is None:
         state = jax.jit(task.init_fn, out_shardings=repl)(key)
         if task.warm_start is not None:
@@ -339,7 +388,9 @@ def run(
             f.write(config.to_json_best_effort(indent=2))
 
     it = task.make_train_iter()
-    if data_state:  # a converted workdir saves none: its first run starts the stream fresh
+    if data_state and tc.get("reset_data_iterator", False):
+        print("train.reset_data_iterator: the data stream starts from its beginning", flush=True)
+    elif data_state:  # a converted workdir saves none: its first run starts the stream fresh
         it.set_state(data_state)
     train_step = task.make_step(abstract)
     all_finite = jax.jit(
@@ -363,6 +414,10 @@ def run(
 
     final_eval: dict[str, float] = {}
     t_log, step_log = time.time(), start
+    log_seconds = float(tc.get("log_every_seconds", 30.0) or float("inf"))
+    in_flight: collections.deque = collections.deque()
+    previewed = False
+    single_process = jax.process_count() == 1
     own_preemption = preemption is None
     preemption = preemption or Preemption(start)
     try:
@@ -380,14 +435,24 @@ def run(
             if step == start:
                 t0 = time.time()
                 train_step = train_step.lower(state, batch, step_key).compile()
+                all_finite = all_finite.lower(state).compile()  # a preemption save: no compile
                 print(f"compiled train step in {time.time() - t0:.1f} s", flush=True)
                 distributed.barrier(f"compiled_train_step_{start}")  # before the collectives
                 t_log = time.time()
             state, measurements = train_step(state, batch, step_key)
+            # At most MAX_IN_FLIGHT steps dispatched and unfinished: a preemption notice then
+            # waits for one step, not for a deep queue (the CPU runs ~30 steps behind otherwise).
+            in_flight.append(measurements)
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                jax.block_until_ready(in_flight.popleft())
             done = step + 1
-            buffer.add(done, measurements)
+            buffer.add(step, measurements)
             is_last = done == total
-            if done % tc.log_every == 0 or is_last:
+            by_step = done % tc.log_every == 0 or is_last  # the same on every process
+            # by time only with one process: a NaN found there by one process alone would leave
+            # the others waiting in the next step's collectives
+            by_time = single_process and time.time() - t_log >= log_seconds
+            if by_step or by_time:
                 scalars = buffer.flush(last_ckpt)
                 now = time.time()
                 rate = (done - step_log) / max(now - t_log, 1e-9)
@@ -396,6 +461,11 @@ def run(
                 writer.write_scalars(done, {f"train/{k}": v for k, v in scalars.items()})
                 if is_main:
                     print(_progress(done, total, rate, scalars), flush=True)
+                # the preview runs on every process (a collective), at a log point they share
+                evaluates = done % tc.eval_every == 0 or is_last  # draws its own picture
+                if task.preview and not previewed and not evaluates:
+                    previewed = True
+                    task.preview(state, done, writer)
             if done % tc.checkpoint_every == 0 or is_last:
                 buffer.check(last_ckpt)
                 save(done)
@@ -485,6 +555,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
     train_src, eval_src = make_sources(config)
     preprocess_fn = make_preprocess(config)
     check_data(train_src, preprocess_fn, config)
+    data.check_sizes(eval_src, config.input.resolution, config.input.resize)
     ic, tc = config.input, config.train
     pcount, pindex = jax.process_count(), jax.process_index()
 
@@ -524,6 +595,33 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         compiler_options=xla_options.mesh_compiler_options(mesh),
     )
 
+    def pairs_grid(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
+        """Originals above their reconstructions, upscaled to a readable size."""
+        pair = np.concatenate([metrics.to_uint8(x), metrics.to_uint8(recon)])
+        return metrics.readable_grid(pair, ncols=len(x))
+
+    preview_batch: list[jax.Array] = []
+
+    def preview(state: State, step: int, writer: metrics.MetricWriter) -> None:
+        if not preview_batch:  # the first eval batch, read once
+            batches = data.make_eval_batches(
+                eval_src,
+                batch_size=ic.eval_batch_size // pcount,
+                preprocess_fn=preprocess_fn,
+                process_index=pindex,
+                process_count=pcount,
+                max_batches=1,
+            )
+            first = next(iter(batches))
+            preview_batch.append(to_global(first, batch_sharding)["image"])
+        params = state.get("ema_params", state["params"])
+        pairs = jax.device_get(reconstruct(params, state["model_state"], preview_batch[0]))
+        if is_main:
+            grid = pairs_grid(*pairs)
+            metrics.save_png(os.path.join(workdir, "preview.png"), grid)
+            writer.write_images(step, "train/preview", grid[None])
+            print(f"wrote {os.path.join(workdir, 'preview.png')} (reconstructions at step {step})")
+
     inception_weights = config.get("eval", {}).get("inception_weights", "")
     rfid = RFIDStats(comps, mesh, inception_weights) if inception_weights else None
 
@@ -542,8 +640,9 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         if rfid is not None:
             rfid.start(params, state["model_state"])
             on_batch = rfid.add
+        progress = metrics.ProgressLine(f"eval step {step}:", len(batches), "batches")
         result, first = evaluate_split(
-            eval_step, params, state["model_state"], batches, batch_sharding, on_batch
+            eval_step, params, state["model_state"], batches, batch_sharding, on_batch, progress
         )
         if rfid is not None:
             result.update(rfid.finish())
@@ -555,10 +654,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         if is_main:
             save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
             if pairs is not None:
-                x, recon = pairs
-                grid = metrics.image_grid(
-                    np.concatenate([metrics.to_uint8(x), metrics.to_uint8(recon)]), ncols=len(x)
-                )
+                grid = pairs_grid(*pairs)
                 metrics.save_png(os.path.join(workdir, "eval", f"step_{step}.png"), grid)
                 writer.write_images(step, "eval/originals_vs_reconstructions", grid[None])
             fid_part = f"rFID {result['rfid']:.2f} (N = {result['rfid_num']}) | " if rfid else ""
@@ -578,7 +674,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         warm_start = functools.partial(
             finetune.warm_start, comps=comps, source=source, sharding=repl
         )
-    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start)
+    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start, preview)
 
 
 class TokenSource:
@@ -684,7 +780,9 @@ def cached_tokens(
     rows = np.arange(global_bs)
     owner, row = np.divmod(rows, local_bs)  # row r of a global batch: process `owner`'s row
     t0 = time.time()
+    progress = metrics.ProgressLine(f"tokenizing {split}:", len(batches), "batches")
     for j, batch in enumerate(batches):
+        progress.update(j)
         out = jax.device_get(encode(tok._variables(), to_global(batch, sharding)))
         index = owner + (j * local_bs + row) * pcount  # make_eval_batches' example order
         keep = out["mask"] > 0
@@ -730,6 +828,15 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
         ccache = os.path.join(cache, "condition")
         train_cond, _ = cached_tokens(ctok, config, ic.train_split, ccache, batch_sharding)
         eval_cond, _ = cached_tokens(ctok, config, ic.eval_split, ccache, batch_sharding)
+    unlabeled = int(np.sum(train_labels < 0)) if comps.model.num_classes else 0
+    if unlabeled:  # label -1: the dataset (or some of its images) has no class
+        raise UserError(
+            f"config.prior.num_classes={pc.num_classes} asks for a class-conditional prior, but "
+            f"{unlabeled} of the {len(train_labels)} {ic.train_split!r} images of "
+            f"{tok.config.input.dataset!r} have no label; set --config.prior.num_classes=0 for an "
+            "unconditional prior (the token cache is kept), or give every image a class (folder "
+            "datasets: one subfolder per class)."
+        )
     if comps.model.num_classes and train_labels.max() >= pc.num_classes:
         raise UserError(
             f"the dataset has labels up to {train_labels.max()} but config.prior.num_classes="
@@ -773,7 +880,9 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
             n_batches = min(n_batches, tc.eval_batches)
         lb = gb // pcount
         sums = None
+        progress = metrics.ProgressLine(f"eval step {step}:", n_batches, "batches")
         for b in range(n_batches):  # full global batches only: every example weighs the same
+            progress.update(b)
             sl = slice(b * gb + pindex * lb, b * gb + (pindex + 1) * lb)
             local = {"tokens": eval_tokens[sl], "label": eval_labels[sl]}
             if eval_cond is not None:
@@ -802,7 +911,13 @@ def prior_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) ->
             images, _, _ = prior.generate(num, labels=labels, seed=config.seed)
             ncols = per_class if num_classes else 8
         if is_main:
-            grid = metrics.image_grid(images, ncols=ncols)
+            if ctok is None:  # one row per class, at most GRID_MAX_IMAGES in all
+                rows = max(num_classes, 1)
+                cols = max(1, min(per_class, metrics.GRID_MAX_IMAGES // rows))
+                shown = images.reshape(rows, per_class, *images.shape[1:])[:, :cols]
+                images = shown.reshape(-1, *images.shape[1:])[: metrics.GRID_MAX_IMAGES]
+                ncols = cols if num_classes else min(cols, 8)
+            grid = metrics.readable_grid(images, ncols=ncols)
             save_json(os.path.join(workdir, "eval", f"step_{step}.json"), {"step": step, **result})
             metrics.save_png(os.path.join(workdir, "eval", f"samples_step_{step}.png"), grid)
             writer.write_images(step, "eval/samples", grid[None])

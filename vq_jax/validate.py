@@ -24,6 +24,8 @@ from vq_jax.errors import UserError
 class ConfigError(UserError):
     """One or more config values are out of range."""
 
+    plain = True  # the message names the config field: the class name adds nothing
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -57,6 +59,15 @@ def one_of(*values: Any) -> Callable[[Any], bool]:
     return lambda v: v in values
 
 
+def ints(lo: int, *, min_len: int = 0) -> Callable[[Any], bool]:
+    """A tuple (or a list, as saved in JSON) of at least `min_len` ints >= lo."""
+    return lambda v: (
+        isinstance(v, tuple | list)
+        and len(v) >= min_len
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
+    )
+
+
 def _choices(*values: str) -> str:
     return "one of " + ", ".join(repr(v) for v in values)
 
@@ -82,6 +93,7 @@ def _optimizer_rules(prefix: str) -> tuple[Rule, ...]:
 RULES: tuple[Rule, ...] = (
     Rule("train.steps", at_least(1), "an int >= 1", 1000),
     Rule("train.log_every", at_least(1), "an int >= 1 (steps between log lines)", 100),
+    Rule("train.log_every_seconds", at_least(0), ">= 0 (0: only every log_every)", 30.0),
     Rule("train.eval_every", at_least(1), "an int >= 1 (steps between evaluations)", 1000),
     Rule("train.checkpoint_every", at_least(1), "an int >= 1 (steps between saves)", 500),
     Rule("train.keep_checkpoints", at_least(1), "an int >= 1 (checkpoints kept)", 3),
@@ -103,11 +115,20 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("input.on_corrupt", one_of("skip", "error"), _choices("skip", "error"), "'skip'"),
     Rule("model.ch", at_least(1), "an int >= 1", 128),
+    Rule(
+        "model.ch_mult",
+        ints(1, min_len=1),
+        "a tuple of ints >= 1, one per resolution level (downsampling 2**(len - 1))",
+        "'(1,2,2)'",
+    ),
+    Rule("model.attn_resolutions", ints(1), "a tuple of ints >= 1 (pixels; may be empty)", "'()'"),
+    Rule("model.attn_levels", ints(0), "a tuple of ch_mult level indices (may be empty)", "'()'"),
     Rule("model.num_res_blocks", at_least(0), "an int >= 0", 2),
     Rule("model.z_channels", at_least(1), "an int >= 1", 256),
     Rule("model.dropout", within(0, 1, hi_open=True), "0 <= dropout < 1", 0.0),
     Rule("quantizer.embed_dim", at_least(1), "an int >= 1", 256),
     Rule("quantizer.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
+    Rule("quantizer.levels", ints(2, min_len=1), "a tuple of ints >= 2 (fsq)", "'(8,5,5,5)'"),
     Rule("quantizer.decay", within(0, 1, hi_open=True), "0 <= decay < 1", 0.99),
     Rule("quantizer.epsilon", above(0), "> 0", 1e-5),
     Rule("quantizer.vq.beta", at_least(0), ">= 0 (commitment weight)", 0.25),
@@ -209,7 +230,63 @@ def problems(config: mlc.ConfigDict) -> list[str]:
                 f"config.{rule.field}={value!r} is out of range; valid: {rule.valid}; set e.g. "
                 f"--config.{rule.field}={rule.example}"
             )
-    return found + _group_problems(config) + _head_problems(config) + _quantizer_problems(config)
+    return (
+        found
+        + _group_problems(config)
+        + _head_problems(config)
+        + _quantizer_problems(config)
+        + _level_problems(config)
+    )
+
+
+def _level_problems(config: mlc.ConfigDict) -> list[str]:
+    mult, levels = _get(config, "model.ch_mult"), _get(config, "model.attn_levels")
+    if ints(1, min_len=1)(mult) and ints(0)(levels):
+        bad = [v for v in levels if v >= len(mult)]
+        if bad:
+            return [
+                f"config.model.attn_levels={tuple(levels)} names levels {bad} but "
+                f"config.model.ch_mult={tuple(mult)} has levels 0..{len(mult) - 1}; set e.g. "
+                f"--config.model.attn_levels='({len(mult) - 1},)'"
+            ]
+    return []
+
+
+def check_overrides(config: mlc.ConfigDict, args: list[str]) -> None:
+    """Refuses `--config.F=V` with a single value V for a tuple field F: ml_collections would
+    silently make it the 1-tuple (V,) (`ch_mult=2` trained another model than meant)."""
+    found = []
+    for arg in args:
+        if not arg.startswith("--config."):
+            continue
+        field, eq, text = arg[len("--config.") :].partition("=")
+        value = _get(config, field)
+        if eq and isinstance(value, tuple) and not text.strip().startswith(("(", "[")):
+            found.append(
+                f"--config.{field}={text} gives one value for the tuple field config.{field}; "
+                f"write a tuple in quotes, e.g. --config.{field}='({text},)' for one entry "
+                f"(or several: --config.{field}='({text},{text})')"
+            )
+    if found:
+        raise ConfigError(" | ".join(found) + ".")
+
+
+def check_sampling(sampling: Any) -> None:
+    """The sampling parameters (config.sampling with any overrides) the API is about to use:
+    raises ConfigError naming each bad one by its keyword (sample.py: the flag of that name)."""
+    found = []
+    for rule in RULES:
+        if not rule.field.startswith("sampling."):
+            continue
+        name = rule.field.split(".", 1)[1]
+        value = _get(sampling, name)
+        if value is not _MISSING and not rule.ok(value):
+            found.append(
+                f"{name}={value!r} is out of range; valid: {rule.valid}; e.g. "
+                f"{name}={rule.example} (sample.py --{name}, or config.sampling.{name})"
+            )
+    if found:
+        raise ConfigError("sampling: " + " | ".join(found) + ".")
 
 
 def check(config: mlc.ConfigDict) -> None:

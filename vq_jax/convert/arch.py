@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from vq_jax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError):
     """A checkpoint, config or flag that cannot be converted; the message is one line naming
     the key or field, the value and the fix."""
+
+    plain = True  # printed by the script without the class name
 
 
 @dataclasses.dataclass(frozen=True)
