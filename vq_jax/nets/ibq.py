@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from vq_jax.nets.quantizers import (
-    _CODEBOOK_INITS,
     Array,
     Dtype,
     QuantizerResult,
-    _check_codebook_size,
-    _check_indices,
-    _check_last_dim,
-    _check_positive_int,
+    check_codebook_init,
+    check_codebook_size,
+    check_indices,
+    check_last_dim,
+    check_positive_int,
     code_histogram,
     codebook_aux,
     codebook_initializer,
@@ -45,15 +45,11 @@ class IBQ(nn.Module):
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
-        _check_codebook_size("IBQ", self.codebook_size)
-        _check_positive_int("IBQ", "embed_dim", self.embed_dim)
+        check_codebook_size("IBQ", self.codebook_size)
+        check_positive_int("IBQ", "embed_dim", self.embed_dim)
         if self.temperature <= 0:
             raise ValueError(f"IBQ: temperature must be > 0, got {self.temperature}; use 1.0.")
-        if self.codebook_init not in _CODEBOOK_INITS:
-            raise ValueError(
-                f"IBQ: unknown codebook_init {self.codebook_init!r}; use one of "
-                f"{', '.join(map(repr, _CODEBOOK_INITS))}."
-            )
+        check_codebook_init("IBQ", self.codebook_init)
         super().__post_init__()
 
     @property
@@ -71,7 +67,7 @@ class IBQ(nn.Module):
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
         """Quantize z [..., embed_dim] -> (z_q [..., embed_dim], QuantizerResult)."""
         del train
-        _check_last_dim("IBQ", z, self.embed_dim)
+        check_last_dim("IBQ", z, self.embed_dim)
         flat = z.reshape(-1, self.embed_dim).astype(jnp.float32)
         codes = jnp.asarray(self.codebook, jnp.float32)
         logits = jnp.matmul(flat, codes.T, precision=_HIGHEST) / self.temperature
@@ -93,5 +89,5 @@ class IBQ(nn.Module):
 
     def lookup(self, indices: Array) -> Array:
         """int indices [...] -> codes [..., embed_dim]."""
-        _check_indices("IBQ", indices)
+        check_indices("IBQ", indices)
         return jnp.take(jnp.asarray(self.codebook, jnp.float32), indices, axis=0).astype(self.dtype)

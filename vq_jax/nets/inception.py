@@ -54,9 +54,7 @@ def conv_relu(
     (``nets.conv.Conv``: flax's Conv, through oneDNN on CPUs where the kernels are built).
     """
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    conv = Conv(
-        features, kernel, strides=(stride, stride), padding=((ph, ph), (pw, pw)), name=name
-    )
+    conv = Conv(features, kernel, strides=(stride, stride), padding=((ph, ph), (pw, pw)), name=name)
     return nn.relu(conv(x))
 
 

@@ -29,8 +29,8 @@ from vq_jax.nets.quantizers import (
     Array,
     Dtype,
     QuantizerResult,
-    _check_indices,
-    _check_last_dim,
+    check_indices,
+    check_last_dim,
     code_histogram,
     codebook_aux,
 )
@@ -117,7 +117,7 @@ class LFQ(nn.Module):
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
         """Quantize z [..., bits] -> (z_q in {-1, +1}, QuantizerResult)."""
         del train  # no state
-        _check_last_dim("LFQ", z, self.bits)
+        check_last_dim("LFQ", z, self.bits)
         z = z.astype(jnp.float32)
         q = jnp.where(z > 0, 1.0, -1.0)
         commitment_loss = jnp.mean(jnp.square(z - q))
@@ -141,7 +141,7 @@ class LFQ(nn.Module):
 
     def lookup(self, indices: Array) -> Array:
         """int indices [...] -> codes [..., bits] in {-1, +1}."""
-        _check_indices("LFQ", indices)
+        check_indices("LFQ", indices)
         return lfq_indices_to_codes(indices, self.bits).astype(self.dtype)
 
 

@@ -123,8 +123,8 @@ def _codebook_check(*extra: Callable[[dict], list[Problem]]):
 
 def _init_problems(kind: str) -> Callable[[dict], list[Problem]]:
     def fn(fields: dict) -> list[Problem]:
-        if fields.get("codebook_init") not in q._CODEBOOK_INITS:
-            valid = "one of " + ", ".join(map(repr, q._CODEBOOK_INITS))
+        if fields.get("codebook_init") not in q.CODEBOOK_INITS:
+            valid = "one of " + ", ".join(map(repr, q.CODEBOOK_INITS))
             return [(f"{kind}.codebook_init", fields.get("codebook_init"), valid, "'uniform'")]
         return []
 

@@ -36,7 +36,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _LOG_EPS = 1e-8  # keeps log() finite for empty histogram bins / zero average probabilities
 _NORM_EPS = 1e-12
 _FSQ_BOUND_EPS = 1e-3  # keeps tanh bounds strictly inside the outermost rounding interval
-_CODEBOOK_INITS = ("uniform", "normal", "variance_scaling")
+CODEBOOK_INITS = ("uniform", "normal", "variance_scaling")
 
 
 @flax.struct.dataclass
@@ -115,7 +115,7 @@ def codebook_aux(
 # Validation helpers.
 
 
-def _check_codebook_size(owner: str, codebook_size: Any) -> None:
+def check_codebook_size(owner: str, codebook_size: Any) -> None:
     if not isinstance(codebook_size, int | np.integer) or codebook_size < 2:
         raise ValueError(
             f"{owner}: codebook_size must be an int >= 2, got {codebook_size!r}; "
@@ -123,12 +123,12 @@ def _check_codebook_size(owner: str, codebook_size: Any) -> None:
         )
 
 
-def _check_positive_int(owner: str, field: str, value: Any) -> None:
+def check_positive_int(owner: str, field: str, value: Any) -> None:
     if not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{owner}: {field} must be a positive int, got {value!r}; fix {field}.")
 
 
-def _check_last_dim(owner: str, z: Array, embed_dim: int) -> None:
+def check_last_dim(owner: str, z: Array, embed_dim: int) -> None:
     if z.ndim < 1 or z.shape[-1] != embed_dim:
         raise ValueError(
             f"{owner} expects z of shape [..., embed_dim={embed_dim}], "
@@ -137,7 +137,15 @@ def _check_last_dim(owner: str, z: Array, embed_dim: int) -> None:
         )
 
 
-def _check_indices(owner: str, indices: Array) -> None:
+def check_codebook_init(owner: str, init: str) -> None:
+    if init not in CODEBOOK_INITS:
+        raise ValueError(
+            f"{owner}: unknown codebook_init {init!r}; use one of "
+            f"{', '.join(map(repr, CODEBOOK_INITS))}."
+        )
+
+
+def check_indices(owner: str, indices: Array) -> None:
     if not jnp.issubdtype(jnp.asarray(indices).dtype, jnp.integer):
         raise ValueError(
             f"{owner}.lookup expects integer code indices, got dtype {jnp.asarray(indices).dtype}; "
@@ -165,7 +173,7 @@ def codebook_initializer(kind: str, codebook_size: int) -> Callable[..., Array]:
     if kind == "variance_scaling":
         return nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=-1, out_axis=-2)
     raise ValueError(
-        f"unknown codebook init {kind!r}; use one of {', '.join(map(repr, _CODEBOOK_INITS))}."
+        f"unknown codebook init {kind!r}; use one of {', '.join(map(repr, CODEBOOK_INITS))}."
     )
 
 
@@ -393,19 +401,15 @@ class VectorQuantizer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
-        _check_codebook_size(type(self).__name__, self.codebook_size)
-        _check_positive_int(type(self).__name__, "embed_dim", self.embed_dim)
+        check_codebook_size(type(self).__name__, self.codebook_size)
+        check_positive_int(type(self).__name__, "embed_dim", self.embed_dim)
         if self.lookup_dim is not None:
-            _check_positive_int(type(self).__name__, "lookup_dim", self.lookup_dim)
+            check_positive_int(type(self).__name__, "lookup_dim", self.lookup_dim)
         if self.search not in ("auto", "blocked", "exhaustive"):
             raise ValueError(
                 f"VectorQuantizer: search={self.search!r}; use 'auto', 'blocked' or 'exhaustive'."
             )
-        if self.codebook_init not in _CODEBOOK_INITS:
-            raise ValueError(
-                f"VectorQuantizer: unknown codebook_init {self.codebook_init!r}; use one of "
-                f"{', '.join(map(repr, _CODEBOOK_INITS))}."
-            )
+        check_codebook_init("VectorQuantizer", self.codebook_init)
         if self.entropy_weight and self.entropy_temperature <= 0:
             raise ValueError(
                 f"VectorQuantizer: entropy_temperature must be > 0, got "
@@ -457,7 +461,7 @@ class VectorQuantizer(nn.Module):
 
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
         """Quantize z [..., embed_dim] -> (z_q [..., embed_dim], QuantizerResult)."""
-        _check_last_dim(type(self).__name__, z, self.embed_dim)
+        check_last_dim(type(self).__name__, z, self.embed_dim)
         batch_shape = z.shape[:-1]
         x = self._to_lookup(z.reshape(-1, self.embed_dim))
         codes = self._codes()
@@ -502,7 +506,7 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, indices: Array) -> Array:
         """Code vectors in embed_dim space for integer ``indices`` [...] -> [..., embed_dim]."""
-        _check_indices(type(self).__name__, indices)
+        check_indices(type(self).__name__, indices)
         e = jnp.take(self._codes(), indices.reshape(-1), axis=0)
         return self._from_lookup(e).reshape(*indices.shape, self.embed_dim)
 
@@ -548,8 +552,8 @@ class EMAVectorQuantizer(nn.Module):
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
-        _check_codebook_size(type(self).__name__, self.codebook_size)
-        _check_positive_int(type(self).__name__, "embed_dim", self.embed_dim)
+        check_codebook_size(type(self).__name__, self.codebook_size)
+        check_positive_int(type(self).__name__, "embed_dim", self.embed_dim)
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"EMAVectorQuantizer: decay must be in [0, 1), got {self.decay}.")
         if self.dead_code_threshold < 0:
@@ -557,11 +561,7 @@ class EMAVectorQuantizer(nn.Module):
                 "EMAVectorQuantizer: dead_code_threshold must be >= 0 (0 disables restarts), "
                 f"got {self.dead_code_threshold}."
             )
-        if self.codebook_init not in _CODEBOOK_INITS:
-            raise ValueError(
-                f"EMAVectorQuantizer: unknown codebook_init {self.codebook_init!r}; use one of "
-                f"{', '.join(map(repr, _CODEBOOK_INITS))}."
-            )
+        check_codebook_init("EMAVectorQuantizer", self.codebook_init)
         super().__post_init__()
 
     @property
@@ -583,7 +583,7 @@ class EMAVectorQuantizer(nn.Module):
 
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
         """Quantize z [..., embed_dim] -> (z_q [..., embed_dim], QuantizerResult)."""
-        _check_last_dim(type(self).__name__, z, self.embed_dim)
+        check_last_dim(type(self).__name__, z, self.embed_dim)
         batch_shape = z.shape[:-1]
         flat = z.reshape(-1, self.embed_dim).astype(jnp.float32)
         codes = jax.lax.stop_gradient(self.codebook.value.astype(jnp.float32))
@@ -645,7 +645,7 @@ class EMAVectorQuantizer(nn.Module):
 
     def lookup(self, indices: Array) -> Array:
         """Code vectors for integer ``indices`` [...] -> [..., embed_dim]."""
-        _check_indices(type(self).__name__, indices)
+        check_indices(type(self).__name__, indices)
         e = jnp.take(self.codebook.value.astype(jnp.float32), indices.reshape(-1), axis=0)
         return e.astype(self.dtype).reshape(*indices.shape, self.embed_dim)
 
@@ -747,7 +747,7 @@ class FSQ(nn.Module):
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
         """Quantize z [..., len(levels)] -> (z_q on the level grid, QuantizerResult)."""
         del train  # FSQ has no state
-        _check_last_dim("FSQ", z, self.embed_dim)
+        check_last_dim("FSQ", z, self.embed_dim)
         _, half_width, _ = _fsq_consts(self.levels)
         bounded = fsq_bound(z, self.levels)
         rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
@@ -768,5 +768,5 @@ class FSQ(nn.Module):
 
     def lookup(self, indices: Array) -> Array:
         """Same as :meth:`indices_to_codes` (contract name)."""
-        _check_indices("FSQ", indices)
+        check_indices("FSQ", indices)
         return self.indices_to_codes(indices)

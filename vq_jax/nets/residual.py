@@ -23,14 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from vq_jax.nets.quantizers import (
-    _CODEBOOK_INITS,
     Array,
     Dtype,
     QuantizerResult,
-    _check_codebook_size,
-    _check_indices,
-    _check_last_dim,
-    _check_positive_int,
+    check_codebook_init,
+    check_codebook_size,
+    check_indices,
+    check_last_dim,
+    check_positive_int,
     code_histogram,
     codebook_aux,
     codebook_initializer,
@@ -51,16 +51,12 @@ class ResidualVQ(nn.Module):
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
-        _check_codebook_size("ResidualVQ", self.codebook_size)
-        _check_positive_int("ResidualVQ", "embed_dim", self.embed_dim)
-        _check_positive_int("ResidualVQ", "depth", self.depth)
+        check_codebook_size("ResidualVQ", self.codebook_size)
+        check_positive_int("ResidualVQ", "embed_dim", self.embed_dim)
+        check_positive_int("ResidualVQ", "depth", self.depth)
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"ResidualVQ: dropout must be in [0, 1], got {self.dropout}.")
-        if self.codebook_init not in _CODEBOOK_INITS:
-            raise ValueError(
-                f"ResidualVQ: unknown codebook_init {self.codebook_init!r}; use one of "
-                f"{', '.join(map(repr, _CODEBOOK_INITS))}."
-            )
+        check_codebook_init("ResidualVQ", self.codebook_init)
         super().__post_init__()
 
     @property
@@ -106,7 +102,7 @@ class ResidualVQ(nn.Module):
 
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
         """Quantize z [..., embed_dim] -> (z_q [..., embed_dim], indices [..., depth])."""
-        _check_last_dim("ResidualVQ", z, self.embed_dim)
+        check_last_dim("ResidualVQ", z, self.embed_dim)
         batch_shape = z.shape[:-1]
         flat = z.reshape(-1, self.embed_dim).astype(jnp.float32)
         mask = self._stage_mask(batch_shape, train)
@@ -143,7 +139,7 @@ class ResidualVQ(nn.Module):
 
     def lookup(self, indices: Array) -> Array:
         """Indices [..., depth] -> the sum of the stages' codes [..., embed_dim]."""
-        _check_indices("ResidualVQ", indices)
+        check_indices("ResidualVQ", indices)
         if indices.ndim < 1 or indices.shape[-1] != self.depth:
             raise ValueError(
                 f"ResidualVQ.lookup expects indices [..., depth={self.depth}], got shape "

@@ -19,10 +19,10 @@ from vq_jax.nets.quantizers import (
     Array,
     Dtype,
     QuantizerResult,
-    _check_codebook_size,
-    _check_indices,
-    _check_last_dim,
-    _check_positive_int,
+    check_codebook_size,
+    check_indices,
+    check_last_dim,
+    check_positive_int,
     code_histogram,
     codebook_aux,
     nearest_code,
@@ -40,8 +40,8 @@ class SimVQ(nn.Module):
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
-        _check_codebook_size("SimVQ", self.codebook_size)
-        _check_positive_int("SimVQ", "embed_dim", self.embed_dim)
+        check_codebook_size("SimVQ", self.codebook_size)
+        check_positive_int("SimVQ", "embed_dim", self.embed_dim)
         super().__post_init__()
 
     @property
@@ -65,7 +65,7 @@ class SimVQ(nn.Module):
     def __call__(self, z: Array, train: bool = False) -> tuple[Array, QuantizerResult]:
         """Quantize z [..., embed_dim] -> (z_q [..., embed_dim], QuantizerResult)."""
         del train  # C never changes; W trains through the loss
-        _check_last_dim("SimVQ", z, self.embed_dim)
+        check_last_dim("SimVQ", z, self.embed_dim)
         flat = z.reshape(-1, self.embed_dim).astype(jnp.float32)
         codes = self.codes()
         indices = nearest_code(flat, codes)
@@ -84,5 +84,5 @@ class SimVQ(nn.Module):
 
     def lookup(self, indices: Array) -> Array:
         """int indices [...] -> codes [..., embed_dim]."""
-        _check_indices("SimVQ", indices)
+        check_indices("SimVQ", indices)
         return jnp.take(self.codes(), indices, axis=0).astype(self.dtype)
