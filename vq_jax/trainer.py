@@ -600,19 +600,22 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         pair = np.concatenate([metrics.to_uint8(x), metrics.to_uint8(recon)])
         return metrics.readable_grid(pair, ncols=len(x))
 
+    def eval_batches(max_batches: int | None) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of the held-out split's global batches (the first max_batches)."""
+        return data.make_eval_batches(
+            eval_src,
+            batch_size=ic.eval_batch_size // pcount,
+            preprocess_fn=preprocess_fn,
+            process_index=pindex,
+            process_count=pcount,
+            max_batches=max_batches,
+        )
+
     preview_batch: list[jax.Array] = []
 
     def preview(state: State, step: int, writer: metrics.MetricWriter) -> None:
         if not preview_batch:  # the first eval batch, read once
-            batches = data.make_eval_batches(
-                eval_src,
-                batch_size=ic.eval_batch_size // pcount,
-                preprocess_fn=preprocess_fn,
-                process_index=pindex,
-                process_count=pcount,
-                max_batches=1,
-            )
-            first = next(iter(batches))
+            first = next(iter(eval_batches(1)))
             preview_batch.append(to_global(first, batch_sharding)["image"])
         params = state.get("ema_params", state["params"])
         pairs = jax.device_get(reconstruct(params, state["model_state"], preview_batch[0]))
@@ -627,14 +630,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
 
     def evaluate(state: State, step: int, writer: metrics.MetricWriter) -> dict[str, float]:
         params = state.get("ema_params", state["params"])
-        batches = data.make_eval_batches(
-            eval_src,
-            batch_size=ic.eval_batch_size // pcount,
-            preprocess_fn=preprocess_fn,
-            process_index=pindex,
-            process_count=pcount,
-            max_batches=tc.eval_batches or None,
-        )
+        batches = eval_batches(tc.eval_batches or None)
         t0 = time.time()
         on_batch = None
         if rfid is not None:
