@@ -511,8 +511,8 @@ def test_prior_labels_and_inpainting_mask_are_checked(tok_workdir):
     np.testing.assert_array_equal(prior._labels(4, None), [0, 1, 2, 3])  # cycles the classes
     np.testing.assert_array_equal(prior._labels(3, 7), [7, 7, 7])
     for labels, match in (
-        ([3, 10], r"class labels must lie in \[0, 10\) .*got \[10\]"),
-        (-1, r"got \[-1\]"),
+        ([3, 10], r"class labels must lie in \[0, 9\] \(num_classes=10\); got \[3, 10\]"),
+        (-1, r"must lie in \[0, 9\].*got \[-1, -1\]"),
         ([1, 2, 3], r"give one int class or 2 of them"),
         ([0.5, 1.0], r"give one int class or 2 of them"),
     ):
