@@ -32,3 +32,28 @@ def run_script(*args: str, devices: int = 4, timeout: int = 300, check: bool = T
 def train_args(config: str, workdir: str, *extra: str) -> list[str]:
     """train.py arguments for the `tiny` variant of configs/CONFIG.py."""
     return ["train.py", f"--config=configs/{config}.py:tiny", f"--workdir={workdir}", *extra]
+
+
+def start_lock_holder(workdir: str) -> subprocess.Popen:
+    """A process that holds `workdir`'s lock (WorkdirLock) until killed; returns once it has
+    it. The caller kills it (kill it in a `finally`)."""
+    code = (
+        "import sys, time\n"
+        "from vq_jax.workdir_lock import WorkdirLock\n"
+        "WorkdirLock(sys.argv[1]).acquire()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, workdir],
+        cwd=ROOT,
+        env=script_env(1),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+    except BaseException:
+        proc.kill()
+        raise
+    return proc

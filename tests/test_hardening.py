@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from subproc import ROOT, run_script, script_env, train_args
+from subproc import ROOT, run_script, script_env, start_lock_holder, train_args
 
 import vq_jax
 from configs import prior as prior_configs
@@ -126,18 +126,8 @@ def test_preemption_restores_the_previous_handlers():
 def test_trainer_starts_after_the_lock_holder_was_killed(tmp_path):
     """A stale lock (its holder SIGKILLed) does not stop the next run."""
     workdir = str(tmp_path / "w")
-    code = (
-        "import sys, time\n"
-        "from vq_jax.workdir_lock import WorkdirLock\n"
-        "WorkdirLock(sys.argv[1]).acquire()\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(120)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, workdir], cwd=ROOT, env=script_env(1), stdout=subprocess.PIPE
-    )
+    proc = start_lock_holder(workdir)
     try:
-        assert proc.stdout.readline().strip() == b"locked"
         with pytest.raises(errors.UserError, match=rf"pid {proc.pid} on"):
             trainer.train(_tiny(steps=2), workdir)
         proc.send_signal(signal.SIGKILL)

@@ -2,11 +2,9 @@
 
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
-from subproc import ROOT, script_env
+from subproc import start_lock_holder
 
 from configs import vqvae
 from vq_jax import errors, trainer
@@ -37,22 +35,8 @@ def test_train_refuses_a_busy_workdir_before_touching_it(tmp_path):
 def test_killed_holder_leaves_no_stale_lock(tmp_path):
     """SIGKILL cannot run cleanup code; the kernel drops the lock with the process."""
     workdir = str(tmp_path / "w")
-    code = (
-        "import sys, time\n"
-        "from vq_jax.workdir_lock import WorkdirLock\n"
-        "WorkdirLock(sys.argv[1]).acquire()\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(120)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, workdir],
-        cwd=ROOT,
-        env=script_env(1),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_lock_holder(workdir)
     try:
-        assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(WorkdirBusyError, match=rf"pid {proc.pid} on"):
             WorkdirLock(workdir).acquire()
         proc.send_signal(signal.SIGKILL)
