@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
+from vq_jax import loop
 from vq_jax import state as state_lib
-from vq_jax import trainer
+from vq_jax.tasks import tokenizer as tokenizer_task
 
 
 class StepSetup(NamedTuple):
@@ -37,7 +38,7 @@ def setup_step(config: mlc.ConfigDict) -> StepSetup:
     """The train step of `config` as the trainer jits it, its initial state and a synthetic
     batch (uniform images in [-1, 1], label 0) of the config's global shape."""
     comps = state_lib.build(config)
-    mesh = trainer.make_mesh()
+    mesh = loop.make_mesh()
     key = jax.random.key(config.seed)
     init_fn = functools.partial(state_lib.init_state, comps, ema=config.train.ema_decay > 0)
     abstract = jax.eval_shape(init_fn, key)
@@ -48,9 +49,11 @@ def setup_step(config: mlc.ConfigDict) -> StepSetup:
             "image": jax.random.uniform(key, (bs, r, r, c), minval=-1, maxval=1),
             "label": jnp.zeros((bs,), jnp.int32),
         },
-        jax.NamedSharding(mesh, jax.P(trainer.DATA_AXIS)),
+        jax.NamedSharding(mesh, jax.P(loop.DATA_AXIS)),
     )
-    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
+    step = tokenizer_task.jit_train_step(
+        comps, tokenizer_task.loss_settings(config), mesh, abstract
+    )
     return StepSetup(comps, mesh, step, state, batch, key)
 
 

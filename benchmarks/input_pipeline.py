@@ -17,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
-from vq_jax import data, trainer
+from vq_jax import data, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _BATCHES = flags.DEFINE_integer("batches", 50, "Batches for the pipeline-only measurement.")
@@ -27,13 +27,13 @@ flags.mark_flags_as_required(["config"])
 
 
 def _train_iter(config):
-    train_src, _ = trainer.make_sources(config)
+    train_src, _ = data.config_sources(config)
     ic = config.input
     return data.make_train_iter(
         train_src,
         batch_size=ic.batch_size,
         seed=config.seed,
-        preprocess_fn=trainer.make_preprocess(config),
+        preprocess_fn=data.config_preprocess(config),
         random_flip=ic.random_flip,
         prefetch=ic.prefetch,
     )
@@ -55,19 +55,19 @@ def pipeline_rate(config, num_batches: int) -> float:
 def loop_rates(config, num_steps: int) -> dict:
     """The trainer's loop shape: next(it) -> global batch -> step; time blocked on data."""
     _, mesh, step, state, _, key = common.setup_step(config)
-    batch_sharding = jax.NamedSharding(mesh, jax.P(trainer.DATA_AXIS))
+    batch_sharding = jax.NamedSharding(mesh, jax.P(loop.DATA_AXIS))
     it = _train_iter(config)
-    batch = trainer.to_global(next(it), batch_sharding)
+    batch = loop.to_global(next(it), batch_sharding)
     step = step.lower(state, batch, key).compile()
     for _ in range(2):
-        state, m = step(state, trainer.to_global(next(it), batch_sharding), key)
+        state, m = step(state, loop.to_global(next(it), batch_sharding), key)
     jax.block_until_ready(m)
     waits, walls = [], []
     for _ in range(num_steps):
         t0 = time.perf_counter()
         local = next(it)
         t1 = time.perf_counter()
-        state, m = step(state, trainer.to_global(local, batch_sharding), key)
+        state, m = step(state, loop.to_global(local, batch_sharding), key)
         jax.block_until_ready(m)
         waits.append(t1 - t0)
         walls.append(time.perf_counter() - t0)

@@ -97,7 +97,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             allow_config_change=False,
             reset_data_iterator=False,  # resume with the data stream from its beginning
             skip_nonfinite_steps=False,
-            debug_nan_step=-1,
         )
     )
 

@@ -129,7 +129,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             # fresh. Unlike resume, only the generator is taken. Ignored once W has a checkpoint.
             init_from="",
             skip_nonfinite_steps=False,  # skip (and count) NaN/Inf steps instead of stopping
-            debug_nan_step=-1,  # tests only: poison the batch of this step with NaN
         )
     )
 

@@ -72,7 +72,7 @@ def assert_parity(torch_model, workdir, size, seed=0):
     assert np.mean(got == want) >= 0.99, np.mean(got == want)
     with torch.no_grad():
         want_images = torch_model.decode_code(torch.from_numpy(want)).permute(0, 2, 3, 1).numpy()
-    got_images = tok.model.apply(tok._variables(), jnp.asarray(want), method="decode_indices")
+    got_images = tok.model.apply(tok.variables, jnp.asarray(want), method="decode_indices")
     assert np.abs(want_images).max() > 0.5  # a non-trivial output
     np.testing.assert_allclose(np.asarray(got_images), want_images, atol=1e-4, rtol=0)
     return tok, images

@@ -3,7 +3,7 @@
 import pytest
 from subproc import run_script, train_args
 
-from vq_jax import checkpoints, distributed, errors, trainer
+from vq_jax import checkpoints, distributed, errors, loop
 
 
 def test_user_error_keeps_the_builtin_types():
@@ -12,8 +12,8 @@ def test_user_error_keeps_the_builtin_types():
     assert issubclass(errors.MissingFileError, FileNotFoundError)
     assert issubclass(errors.MissingFileError, errors.UserError)
     assert issubclass(checkpoints.CheckpointError, errors.UserError)
-    assert issubclass(trainer.NonFiniteError, errors.UserError)
-    assert issubclass(trainer.NonFiniteError, FloatingPointError)
+    assert issubclass(loop.NonFiniteError, errors.UserError)
+    assert issubclass(loop.NonFiniteError, FloatingPointError)
     assert issubclass(distributed.DistributedConfigError, errors.UserError)
 
 
@@ -23,7 +23,7 @@ def test_exit_with_prints_one_line(capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err == "train.py: config.x=3 is too big; use <= 2.\n"
     with pytest.raises(SystemExit) as exc:
-        errors.exit_with("train.py", trainer.NonFiniteError("Non-finite loss\nat step 3."))
+        errors.exit_with("train.py", loop.NonFiniteError("Non-finite loss\nat step 3."))
     assert exc.value.code == 2
     assert capsys.readouterr().err == "train.py: NonFiniteError: Non-finite loss at step 3.\n"
 

@@ -55,7 +55,7 @@ def test_evaluate_equals_the_trainers_evaluation(workdir, tmp_path):
         tok = api.load(workdir)
         x = np.concatenate([f for _, f, _ in api.iterate_split(tok, "test", num=8)])
         apply = jax.jit(lambda v, x: tok.model.apply(v, x, train=False)[0])
-        recon = np.clip(apply(tok._variables(), x), -1, 1)
+        recon = np.clip(apply(tok.variables, x), -1, 1)
         params = lpips_lib.load_lpips_params(LPIPS_WEIGHTS)
         want = np.mean(jax.jit(lpips_lib.LPIPS().apply)({"params": params}, x, recon))
         np.testing.assert_allclose(r["lpips"], want, rtol=1e-4)

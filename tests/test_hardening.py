@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import faults
 import numpy as np
 import pytest
 from subproc import ROOT, run_script, script_env, start_lock_holder, train_args
@@ -18,7 +19,7 @@ from subproc import ROOT, run_script, script_env, start_lock_holder, train_args
 import vq_jax
 from configs import prior as prior_configs
 from configs import vqvae
-from vq_jax import api, data, errors, metrics, trainer, validate
+from vq_jax import api, data, errors, loop, metrics, trainer, validate
 from vq_jax.workdir_lock import WorkdirLock
 
 LONG = [  # tiny config, far more steps than the test waits for
@@ -88,7 +89,7 @@ def test_signal_saves_the_current_step_and_exits_fast(tmp_path, sig):
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
     saved = int(out.split("preempted: saved checkpoint at step ")[1].split(";")[0])
     last_logged = max(int(x.split()[1].split("/")[0]) for x in out.splitlines() if x[:5] == "step ")
-    assert last_logged <= saved <= last_logged + 10 + trainer.MAX_IN_FLIGHT, out[-2000:]
+    assert last_logged <= saved <= last_logged + 10 + loop.MAX_IN_FLIGHT, out[-2000:]
     assert str(saved) in os.listdir(os.path.join(workdir, "checkpoints"))
     assert latency < 30, f"{latency:.1f} s from the signal to the exit"  # generous on a busy CPU
 
@@ -97,7 +98,7 @@ def test_second_ctrl_c_exits_at_once():
     """The first Ctrl-C asks for a save; the second leaves at once with status 130."""
     code = (
         "import os, signal, time\n"
-        "from vq_jax.trainer import Preemption\n"
+        "from vq_jax.loop import Preemption\n"
         "p = Preemption()\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "assert p.requested\n"
@@ -116,7 +117,7 @@ def test_second_ctrl_c_exits_at_once():
 
 def test_preemption_restores_the_previous_handlers():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    p = trainer.Preemption()
+    p = loop.Preemption()
     assert signal.getsignal(signal.SIGINT) == p._handle
     p.close()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
@@ -382,18 +383,19 @@ def test_reset_data_iterator_resumes_with_another_batch_size(tok_workdir, tmp_pa
 # --- small slips, progress, pictures -------------------------------------------------------
 
 
-def test_nan_error_names_the_step_that_made_it(tmp_path):
-    config = _tiny(steps=6, checkpoint_every=2, log_every=3, debug_nan_step=2)
-    with pytest.raises(trainer.NonFiniteError, match=r"at step 2 \(the update from step 2 to 3"):
+def test_nan_error_names_the_step_that_made_it(tmp_path, monkeypatch):
+    config = _tiny(steps=6, checkpoint_every=2, log_every=3)
+    faults.poison_batch(monkeypatch, 2)
+    with pytest.raises(loop.NonFiniteError, match=r"at step 2 \(the update from step 2 to 3"):
         trainer.train(config, str(tmp_path / "w"))
 
 
 def test_duration_shows_days():
-    assert trainer.format_duration(12 * 86400 + 13 * 3600 + 52 * 60 + 19) == "12d 13:52:19"
-    assert trainer.format_duration(3600 * 23 + 59) == "23:00:59"
-    assert trainer.format_duration(86400) == "1d 00:00:00"
-    assert trainer.format_duration(float("inf")) == "?"
-    line = trainer._progress(10, 1_000_000, 1.0, {"loss": 0.5})
+    assert loop.format_duration(12 * 86400 + 13 * 3600 + 52 * 60 + 19) == "12d 13:52:19"
+    assert loop.format_duration(3600 * 23 + 59) == "23:00:59"
+    assert loop.format_duration(86400) == "1d 00:00:00"
+    assert loop.format_duration(float("inf")) == "?"
+    line = loop._progress(10, 1_000_000, 1.0, {"loss": 0.5})
     assert line.endswith("ETA 11d 13:46:30"), line
 
 
@@ -487,7 +489,7 @@ def test_plain_kinds_print_without_their_class_name(capsys):
         assert exc.value.code == 2
         assert capsys.readouterr().err == f"p.py: {error}\n"
     with pytest.raises(SystemExit):
-        errors.exit_with("p.py", trainer.NonFiniteError("nan."))
+        errors.exit_with("p.py", loop.NonFiniteError("nan."))
     assert capsys.readouterr().err == "p.py: NonFiniteError: nan.\n"
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from subproc import ROOT, run_script, script_env, train_args
 
-from vq_jax import native, trainer
+from vq_jax import loop, native
 from vq_jax.nets import conv
 
 needs_onednn = pytest.mark.skipif(
@@ -200,7 +200,7 @@ def test_sharded_program_gives_the_unsharded_result():
     case = ref_conv.CASES[1]
     strides, padding = case[1:3]
     x, w, dy = _inputs(case, 8)
-    x = jax.device_put(x, jax.NamedSharding(trainer.make_mesh(), jax.P(trainer.DATA_AXIS)))
+    x = jax.device_put(x, jax.NamedSharding(loop.make_mesh(), jax.P(loop.DATA_AXIS)))
     grads = jax.jit(
         jax.grad(
             lambda x, w: jnp.vdot(conv.conv2d(x, w, strides, padding, "onednn"), dy), (0, 1)

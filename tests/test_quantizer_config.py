@@ -11,11 +11,12 @@ import pytest
 
 import vq_jax
 from configs import vqvae
+from vq_jax import resume, trainer, validate
 from vq_jax import state as state_lib
-from vq_jax import trainer, validate
 from vq_jax.errors import UserError
 from vq_jax.nets import quantizer_registry
 from vq_jax.nets.quantizers import Quantizer
+from vq_jax.tasks import tokenizer as tokenizer_task
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -73,11 +74,11 @@ def test_flat_config_equals_todays_layout_for_resuming():
     fields of other kinds never block a resume."""
     saved = _fixture("ema")
     current = json.loads(vqvae.get_config("tiny").to_json_best_effort())
-    assert trainer.config_differences(saved, current) == []
+    assert resume.config_differences(saved, current) == []
     current["quantizer"]["lfq"]["entropy_weight"] = 0.5  # another kind's field
-    assert trainer.config_differences(saved, current) == []
+    assert resume.config_differences(saved, current) == []
     current["quantizer"]["ema"]["decay"] = 0.9
-    assert trainer.config_differences(saved, current) == ["quantizer.ema.decay: 0.99 -> 0.9"]
+    assert resume.config_differences(saved, current) == ["quantizer.ema.decay: 0.99 -> 0.9"]
 
 
 @pytest.mark.slow
@@ -183,7 +184,7 @@ def test_step_reports_every_quantizer_measurement():
     config.quantizer.ema.dead_code_threshold = 1e6  # every code restarts at the first step
     comps = state_lib.build(config)
     state = state_lib.init_state(comps, jax.random.key(0), ema=False)
-    step = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))
+    step = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))
     x = jax.random.uniform(jax.random.key(1), (8, 16, 16, 1), minval=-1.0, maxval=1.0)
     new_state, m = step(state, {"image": x, "label": np.zeros(8, np.int32)}, jax.random.key(2))
     assert {"quant_loss", "commitment_loss", "perplexity", "usage", "num_restarted"} <= set(m)

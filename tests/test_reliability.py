@@ -10,6 +10,7 @@ import sys
 import time
 
 import chex
+import faults
 import jax
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from subproc import ROOT, run_script, script_env, train_args
 
 import vq_jax
 from configs import vqgan, vqvae
-from vq_jax import checkpoints, trainer
+from vq_jax import checkpoints, loop, trainer
+from vq_jax import state as state_lib
+from vq_jax.tasks import tokenizer as tokenizer_task
 
 LONG = [  # tiny config, long enough to interrupt
     "--config.train.steps=120",
@@ -126,11 +129,9 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
             fh.truncate(os.path.getsize(f) // 3)
     ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
     config = _tiny()
-    comps = trainer.state_lib.build(config)
+    comps = state_lib.build(config)
     abstract = checkpoints.abstract_like(
-        jax.eval_shape(
-            lambda k: trainer.state_lib.init_state(comps, k, ema=False), jax.random.key(0)
-        ),
+        jax.eval_shape(lambda k: state_lib.init_state(comps, k, ema=False), jax.random.key(0)),
         jax.sharding.SingleDeviceSharding(jax.devices()[0]),
     )
     with pytest.raises(checkpoints.CheckpointError, match=r"step 4 .* cannot be restored"):
@@ -148,10 +149,11 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
     assert _params(workdir)[0] == 6
 
 
-def test_injected_nan_stops_with_step_and_writes_no_nan_checkpoint(tmp_path):
+def test_injected_nan_stops_with_step_and_writes_no_nan_checkpoint(tmp_path, monkeypatch):
     workdir = str(tmp_path / "w")
-    config = _tiny(steps=6, checkpoint_every=2, log_every=3, debug_nan_step=2)
-    with pytest.raises(trainer.NonFiniteError, match=r"at step 2 .*Last good checkpoint: 2"):
+    config = _tiny(steps=6, checkpoint_every=2, log_every=3)
+    faults.poison_batch(monkeypatch, 2)
+    with pytest.raises(loop.NonFiniteError, match=r"at step 2 .*Last good checkpoint: 2"):
         trainer.train(config, workdir)
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     assert ckpt.steps() == [2]
@@ -160,9 +162,10 @@ def test_injected_nan_stops_with_step_and_writes_no_nan_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
-def test_skip_nonfinite_steps_counts_and_continues(tmp_path):
+def test_skip_nonfinite_steps_counts_and_continues(tmp_path, monkeypatch):
     workdir = str(tmp_path / "w")
-    config = _tiny(steps=4, log_every=4, debug_nan_step=1, skip_nonfinite_steps=True)
+    config = _tiny(steps=4, log_every=4, skip_nonfinite_steps=True)
+    faults.poison_batch(monkeypatch, 1)
     trainer.train(config, workdir)
     import json
 
@@ -252,9 +255,9 @@ def test_gan_config_overrides_are_independent():
     """disc_train_start is not tied to disc_start once set (an ml_collections pitfall)."""
     config = vqgan.get_config("tiny")
     config.loss.disc_start = 7
-    assert trainer.loss_settings(config).disc_train_start == 7
+    assert tokenizer_task.loss_settings(config).disc_train_start == 7
     config.loss.disc_train_start = 2
-    s = trainer.loss_settings(config)
+    s = tokenizer_task.loss_settings(config)
     assert (s.disc_start, s.disc_train_start) == (7, 2)
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from configs import vqgan, vqvae
-from vq_jax import native, trainer
+from vq_jax import native
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
+from vq_jax.tasks import tokenizer as tokenizer_task
 
 BATCH = 8
 
@@ -38,7 +39,9 @@ def _run(config, devices, num_steps=3):
     repl = jax.NamedSharding(mesh, jax.P())
     abstract = jax.eval_shape(init_fn, key)
     state = jax.jit(init_fn, out_shardings=repl)(key)
-    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
+    step = tokenizer_task.jit_train_step(
+        comps, tokenizer_task.loss_settings(config), mesh, abstract
+    )
     out = []
     for i in range(num_steps):
         batch = jax.device_put(_batch(config, i), jax.NamedSharding(mesh, jax.P("data")))
@@ -105,7 +108,7 @@ def test_adaptive_weight_matches_two_separate_grads(perceptual, tmp_path):
     comps, key, init_fn = _setup(config)
     state = init_fn(key)
     batch = _batch(config)
-    s = trainer.loss_settings(config)
+    s = tokenizer_task.loss_settings(config)
     step = jax.jit(steps_lib.make_tokenizer_step(comps, s))
     _, m = step(state, batch, key)
 
@@ -169,7 +172,7 @@ def test_adaptive_weight_zero_before_disc_start():
     config.loss.disc_start = 5
     config.loss.disc_train_start = 0
     comps, key, init_fn = _setup(config)
-    step = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))
+    step = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))
     _, m = step(init_fn(key), _batch(config), key)
     assert float(m["adaptive_weight"]) == 0.0 and float(m["g_adv"]) == 0.0
     assert float(m["disc_active"]) == 1.0 and float(m["d_loss"]) > 0
@@ -185,7 +188,7 @@ def test_select_on_cpu_gives_the_steps_of_lax_cond(monkeypatch):
     batch = _batch(config)
 
     def two_steps():
-        step = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))
+        step = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))
         s0, m0 = step(init_fn(key), batch, key)
         s1, m1 = step(s0, batch, key)
         return s0, m0, s1, m1
@@ -213,7 +216,7 @@ def _updates_and_state():
     config.loss.disc_start = 0
     config.loss.disc_train_start = 0
     comps, key, init_fn = _setup(config)
-    updates = steps_lib.make_tokenizer_updates(comps, trainer.loss_settings(config))
+    updates = steps_lib.make_tokenizer_updates(comps, tokenizer_task.loss_settings(config))
     state = jax.device_get(init_fn(key))
     return updates, state, _batch(config)["image"], key
 
@@ -249,7 +252,7 @@ def test_discriminator_loss_measurement_matches_hinge_formula():
     comps, key, init_fn = _setup(config)
     state = init_fn(key)
     batch = _batch(config)
-    step = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))
+    step = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))
     _, m = step(state, batch, key)
     recon, _ = comps.model.apply(
         {"params": state["params"], **state["model_state"]}, batch["image"]
@@ -282,7 +285,7 @@ def test_perceptual_term_is_lpips_and_enters_the_loss(tmp_path):
     comps, key, init_fn = _setup(config)
     state = init_fn(key)
     batch = _batch(config)
-    _, m = jax.jit(steps_lib.make_tokenizer_step(comps, trainer.loss_settings(config)))(
+    _, m = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))(
         state, batch, key
     )
     recon, _ = comps.model.apply(

@@ -11,7 +11,8 @@ from subproc import run_script, train_args
 
 import vq_jax
 from configs import vqvae
-from vq_jax import checkpoints, trainer
+from vq_jax import checkpoints, resume, trainer
+from vq_jax import state as state_lib
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +120,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 def test_checkpoint_round_trip_is_identical(tmp_path):
     config = vqvae.get_config("tiny")
-    comps = trainer.state_lib.build(config)
+    comps = state_lib.build(config)
     key = jax.random.key(0)
-    state = trainer.state_lib.init_state(comps, key, ema=True)
+    state = state_lib.init_state(comps, key, ema=True)
     ckpt = checkpoints.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
     ckpt.save(7, state, {"epoch": 1, "offset": 3}, {"seed": 0})
     ckpt.wait()
@@ -137,16 +138,15 @@ def test_checkpoint_round_trip_is_identical(tmp_path):
 def test_config_differences_ignore_compute_only_entries():
     """A resumed workdir may switch the conv gradient implementation (same state shapes), or
     come from a version without that key; a real shape change is still reported."""
-    from vq_jax import trainer
 
     saved = {"model": {"ch": 8, "dtype": "float32"}, "quantizer": {"codebook_size": 32}}
     current = {
         "model": {"ch": 8, "dtype": "float32", "conv_weight_grad": "xla"},
         "quantizer": {"codebook_size": 32},
     }
-    assert trainer.config_differences(saved, current) == []
+    assert resume.config_differences(saved, current) == []
     current["quantizer"]["codebook_size"] = 64
-    assert trainer.config_differences(saved, current) == ["quantizer.codebook_size: 32 -> 64"]
+    assert resume.config_differences(saved, current) == ["quantizer.codebook_size: 32 -> 64"]
 
 
 def test_config_differences_treat_added_keys_as_their_default():
@@ -154,6 +154,6 @@ def test_config_differences_treat_added_keys_as_their_default():
     whose attn_levels=() means what the old config meant; a real placement change does not."""
     saved = {"model": {"ch": 8, "attn_resolutions": [8]}}
     current = {"model": {"ch": 8, "attn_resolutions": [8], "attn_levels": []}}
-    assert trainer.config_differences(saved, current) == []
+    assert resume.config_differences(saved, current) == []
     current["model"]["attn_levels"] = [1]
-    assert trainer.config_differences(saved, current) == ["model.attn_levels: [] -> [1]"]
+    assert resume.config_differences(saved, current) == ["model.attn_levels: [] -> [1]"]

@@ -24,18 +24,14 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import checkpoints, data, validate, xla_options
+from vq_jax import checkpoints, data, priors, validate, xla_options
 from vq_jax import state as state_lib
 from vq_jax.errors import MissingFileError, UserError
 from vq_jax.metrics import to_uint8
+from vq_jax.nets.transformer import check_labels
 
 # The float conventions `Tokenizer.encode` accepts (stated with value_range=...).
 FLOAT_RANGES = ((-1.0, 1.0), (0.0, 1.0), (0.0, 255.0))
-
-
-def config_from_dict(d: dict) -> mlc.ConfigDict:
-    """The ConfigDict saved with a checkpoint (lists back to tuples where the schema wants them)."""
-    return mlc.ConfigDict(d)
 
 
 def restore_state(
@@ -67,7 +63,7 @@ def restore_state(
                 f"step={step}: {ckpt_dir} has no checkpoint at that step; valid: one of "
                 f"{ckpt.steps()}, or leave it unset (--step) for the newest."
             )
-        config = config_from_dict(ckpt.read_config(step))
+        config = mlc.ConfigDict(ckpt.read_config(step))
         init_fn = make_init(config)
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = checkpoints.abstract_like(
@@ -137,7 +133,9 @@ class Tokenizer:
         index_shape = tuple(getattr(self.model.quantizer, "index_shape", ()))
         return (self.image_shape[0] // f, self.image_shape[1] // f, *index_shape)
 
-    def _variables(self) -> dict:
+    @property
+    def variables(self) -> dict:
+        """The model's variables, {'params': ..., **model_state}, as `model.apply` takes them."""
         return {"params": self.params, **self.model_state}
 
     def as_float(
@@ -214,7 +212,7 @@ class Tokenizer:
     ) -> np.ndarray:
         """uint8 [N,H,W,C] -> int32 token grids [N, *token_shape]; float images only with their
         `value_range` stated: (-1, 1), (0, 1) or (0, 255)."""
-        return np.asarray(self._encode(self._variables(), self.as_float(images, value_range)))
+        return np.asarray(self._encode(self.variables, self.as_float(images, value_range)))
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """int32 token grids [N, *token_shape] -> uint8 images [N, H, W, C]."""
@@ -229,7 +227,7 @@ class Tokenizer:
             raise UserError(
                 f"token values must lie in [0, {size}); got [{tokens.min()}, {tokens.max()}]."
             )
-        out = self._decode(self._variables(), jnp.asarray(tokens, jnp.int32))
+        out = self._decode(self.variables, jnp.asarray(tokens, jnp.int32))
         return to_uint8(np.asarray(out))
 
     def reconstruct(
@@ -271,8 +269,6 @@ def iterate_split(
     data_dir: str | None = None,
 ):
     """Yields (uint8 images, float images, labels) batches of a split of the tokenizer's dataset."""
-    from vq_jax import data  # deferred: the API itself needs no input pipeline
-
     source, preprocess_fn = split_source(tok, split, data_dir=data_dir)
     seen = 0
     for batch in data.make_eval_batches(
@@ -331,8 +327,6 @@ class Prior:
         return self.comps.condition
 
     def _labels(self, num: int, labels: np.ndarray | int | None) -> jax.Array | None:
-        from vq_jax.nets.transformer import check_labels
-
         if self.num_classes and labels is None:
             labels = np.arange(num) % self.num_classes
         if labels is not None:  # the API's input: dtype and count; check_labels: the range
@@ -360,8 +354,6 @@ class Prior:
         `cond_tokens` ([num, *cond_shape], image-conditional priors) are the condition
         tokenizer's. Grids with a depth axis are sampled as one sequence, raster order with depth
         fastest."""
-        from vq_jax import priors  # deferred: only generation needs the samplers
-
         check_num(num)
         sc = self.config.sampling.copy_and_resolve_references()
         for k, v in overrides.items():
@@ -502,8 +494,6 @@ def load_condition_tokenizer(
     (resolution * input.downsample) at `config.condition_scale` times lower resolution when that
     is set. Each mistake is one UserError naming config.condition_tokenizer_workdir.
     """
-    from vq_jax import priors
-
     if priors.condition_of(config.prior) != "image":
         return None
     path = config.get("condition_tokenizer_workdir", "")

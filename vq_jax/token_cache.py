@@ -1,0 +1,143 @@
+"""The prior's token cache: a split tokenized once by a frozen tokenizer, saved as .npz, and the
+source / batch adapters that feed those token grids through the input pipeline."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+from vq_jax import api, data, distributed, metrics, xla_options
+from vq_jax.loop import to_global
+
+
+class TokenSource:
+    """Random access over cached token grids: {'image': int32 [h, w], 'label'} (the pipeline's
+    keys; `TokenBatches` renames 'image' to 'tokens'). With condition grids `cond`, 'image' is
+    the flattened [tokens; cond] (the pipeline carries only 'image' and 'label')."""
+
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray, cond: np.ndarray | None = None):
+        self._tokens, self._labels = tokens, labels.astype(np.int32)
+        self._cond = cond
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        image = self._tokens[i]
+        if self._cond is not None:
+            image = np.concatenate([image.reshape(-1), self._cond[i].reshape(-1)])
+        return {"image": image, "label": self._labels[i]}
+
+
+class TokenBatches:
+    """The input pipeline's iterator with its batches' 'image' key renamed to 'tokens' (and split
+    into 'tokens' [b, *token_shape] and 'cond' [b, *cond_shape] when both shapes are given)."""
+
+    def __init__(
+        self,
+        it: Any,
+        token_shape: tuple[int, ...] | None = None,
+        cond_shape: tuple[int, ...] | None = None,
+    ):
+        self._it = it
+        self._shapes = (token_shape, cond_shape)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        token_shape, cond_shape = self._shapes
+        if cond_shape is None:
+            return {"tokens": batch["image"], "label": batch["label"]}
+        n, length = len(batch["image"]), math.prod(token_shape)
+        return {
+            "tokens": batch["image"][:, :length].reshape(n, *token_shape),
+            "cond": batch["image"][:, length:].reshape(n, *cond_shape),
+            "label": batch["label"],
+        }
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+
+def cached_tokens(
+    tok: api.Tokenizer,
+    config: mlc.ConfigDict,
+    split: str,
+    cache_dir: str,
+    sharding: jax.NamedSharding,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The split's token grids and labels, tokenized once and cached as .npz.
+
+    Every process reads and preprocesses its own share of the split (as in evaluation); the
+    encoder runs on the global batch over all devices, and every process gets all the tokens;
+    process 0 writes the cache.
+    """
+    path = os.path.join(cache_dir, f"{split}.npz")
+    expected = tok.token_shape
+    if os.path.exists(path):
+        with np.load(path) as f:
+            tokens, labels = f["tokens"], f["labels"]
+            made_by = int(f["tokenizer_step"]) if "tokenizer_step" in f else -1
+        if tokens.shape[1:] == expected and made_by == tok.step:
+            return tokens, labels
+        print(f"token cache {path} is stale (other tokenizer or grid); re-tokenizing", flush=True)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    is_main = pindex == 0
+    source, preprocess_fn = api.split_source(tok, split, data_dir=config.input.data_dir)
+    ndev = jax.device_count()
+    global_bs = -(-config.input.encode_batch_size // ndev) * ndev  # a multiple of the devices
+    local_bs = global_bs // pcount
+    batches = data.make_eval_batches(
+        source,
+        batch_size=local_bs,
+        preprocess_fn=preprocess_fn,
+        process_index=pindex,
+        process_count=pcount,
+    )
+    repl = jax.NamedSharding(sharding.mesh, jax.P())
+
+    def encode(variables: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        indices = tok.model.apply(variables, batch["image"], method="encode")[1].indices
+        return {"tokens": indices, "label": batch["label"], "mask": batch["mask"]}
+
+    encode = jax.jit(
+        encode,
+        in_shardings=(repl, sharding),
+        out_shardings=repl,
+        compiler_options=xla_options.mesh_compiler_options(sharding.mesh),
+    )
+    tokens = np.zeros((len(source), *expected), np.int32)
+    labels = np.zeros((len(source),), np.int32)
+    rows = np.arange(global_bs)
+    owner, row = np.divmod(rows, local_bs)  # row r of a global batch: process `owner`'s row
+    t0 = time.time()
+    progress = metrics.ProgressLine(f"tokenizing {split}:", len(batches), "batches")
+    for j, batch in enumerate(batches):
+        progress.update(j)
+        out = jax.device_get(encode(tok.variables, to_global(batch, sharding)))
+        index = owner + (j * local_bs + row) * pcount  # make_eval_batches' example order
+        keep = out["mask"] > 0
+        tokens[index[keep]] = out["tokens"][keep]
+        labels[index[keep]] = out["label"][keep]
+        if is_main and j % 10 == 0:
+            print(
+                f"tokenizing {split}: {min((j + 1) * global_bs, len(source))} images "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
+    if is_main:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, tokens=tokens, labels=labels, tokenizer_step=tok.step)
+        os.replace(tmp, path)  # atomic: a crash never leaves a partial cache
+        print(f"cached {len(tokens)} {split} token grids {tokens.shape[1:]} in {path}", flush=True)
+    distributed.barrier(f"tokens_{split}")  # the others read the cache process 0 wrote
+    return tokens, labels
