@@ -238,8 +238,8 @@ class MetricWriter:
     Construct with ``enabled=(jax.process_index() == 0)``; a disabled writer touches nothing.
     Each ``write_scalars`` call appends one JSON line ``{"step": step, **scalars}`` (values as
     Python floats; ints stay ints; non-finite values are written as NaN / Infinity, which Python's
-    ``json`` reads back) and flushes it. ``write_images`` logs to TensorBoard and also saves a PNG
-    grid to WORKDIR/images/{name}_{step:08d}.png.
+    ``json`` reads back) and flushes it. ``write_images`` logs to TensorBoard only (the tasks save
+    their own PNGs, e.g. WORKDIR/eval/step_N.png, with ``save_png``).
     """
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
