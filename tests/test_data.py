@@ -303,6 +303,48 @@ def test_unknown_dataset_lists_forms():
         data.make_source("imagenet", "train")
 
 
+class StripesSource:
+    """A test-only dataset: the whole of what a new dataset needs is this class and the
+    `register_source` call below. Example i: vertical stripes of period 2 + i % 3, label i % 3."""
+
+    num_classes = 3
+
+    def __init__(self, request: data.SourceRequest):
+        self.image_shape = request.image_shape
+        self.channels = request.image_shape[-1]
+        self._n = 24 if request.split == "train" else 8
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int):
+        h, w, c = self.image_shape
+        stripes = (np.arange(w) // (2 + i % 3)) % 2 * 255
+        image = np.broadcast_to(stripes[None, :, None], (h, w, c)).astype(np.uint8)
+        return {"image": image, "label": np.int32(i % 3)}
+
+
+data.register_source("test_stripes", StripesSource, form="'test_stripes' (tests only)")
+
+
+def test_registered_source_trains_through_the_config(tmp_path):
+    from configs import vqvae
+    from vq_jax import trainer
+
+    config = vqvae.get_config("tiny")
+    config.input.dataset = "test_stripes"
+    config.train.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+    train, test = data.config_sources(config)
+    assert isinstance(train, StripesSource) and (len(train), len(test)) == (24, 8)
+    assert train[4]["image"].shape == (16, 16, 1) and train[4]["label"] == 1
+    result = trainer.train(config, str(tmp_path / "w"))
+    assert result["num_examples"] == 8 and np.isfinite(result["psnr"])
+    with pytest.raises(ValueError, match=r"'test_stripes' \(tests only\)"):
+        data.make_source("test_stripes:x", "train")
+    with pytest.raises(ValueError, match="taken"):
+        data.register_source("test_stripes", StripesSource, form="again")
+
+
 def test_synthetic_source_is_deterministic():
     a = data.make_source("synthetic", "train", synthetic_size=12, synthetic_shape=(8, 6, 3))
     b = data.make_source("synthetic", "train", synthetic_size=12, synthetic_shape=(8, 6, 3))

@@ -1,17 +1,19 @@
-"""Input pipeline for image tokenizer training: data sources and grain iterators.
+"""Input pipeline for image tokenizer training: data sources, preprocessing and grain iterators.
 
 Sources are random-access sequences of ``{'image': uint8 [H, W, C], 'label': int32}`` chosen by a
-dataset string (see :func:`make_source`). :func:`make_train_iter` turns a source into an infinite,
+dataset string (see :func:`make_source`); a new dataset is one source class plus one
+:func:`register_source` call. :func:`make_train_iter` turns a source into an infinite,
 deterministic, checkpointable iterator of one process's rows of layout-independent global batches;
 :func:`make_eval_batches` covers a split exactly once across processes with padded, masked batches.
 
-Nothing here takes a config object: callers pass plain values (e.g. ``config.input.*`` fields).
-No TensorFlow is needed anywhere, including for ``tfds:`` datasets (read via ArrayRecord).
-"""
+Only :func:`config_sources` and :func:`config_preprocess` read a config (``config.input``);
+everything else takes plain values. No TensorFlow is needed anywhere, including for ``tfds:``
+datasets (read via ArrayRecord)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -21,7 +23,7 @@ import os
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import grain
 import numpy as np
@@ -45,10 +47,6 @@ FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FOLDER_HOLDOUT_SPLITS = ("test", "val", "validation")
 # Fraction of a flat folder (no train/test subfolders) held out as the 'test' split.
 FOLDER_HOLDOUT_FRACTION = 0.05
-DATASET_FORMS = (
-    "'fashion_mnist', 'tfds:NAME' (e.g. 'tfds:cifar10'), 'folder:PATH' (PNG/JPEG files), "
-    "'synthetic' (tests only)"
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +413,58 @@ class SyntheticSource:
         return f"SyntheticSource(n={self._size}, image_shape={self.image_shape})"
 
 
-Source = ArraySource | TfdsSource | FolderSource | SyntheticSource
+class Source(Protocol):
+    """What every source is: ``len``, ``[i] -> {'image': uint8 [H, W, C], 'label': int32}``
+    (label -1: none), ``image_shape`` (None if sizes vary), ``channels`` and ``num_classes``
+    (or None)."""
+
+    image_shape: tuple[int, ...] | None
+    channels: int | None
+    num_classes: int | None
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Example: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRequest:
+    """What a source factory gets: the dataset string's argument (``'tfds:cifar10'`` ->
+    ``'cifar10'``; ``''`` for a dataset without one), the split, and the input options
+    (``image_shape``: the [H, W, C] the config reads, for sources that make their images)."""
+
+    arg: str
+    split: str
+    data_dir: str | None = None
+    synthetic_size: int = 64
+    image_shape: tuple[int, ...] = (32, 32, 3)
+    on_corrupt: CorruptMode = "skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registration:
+    factory: Callable[[SourceRequest], Source]
+    form: str
+    takes_arg: bool
+
+
+_SOURCES: dict[str, _Registration] = {}
+
+
+def register_source(
+    name: str, factory: Callable[[SourceRequest], Source], *, form: str, takes_arg: bool = False
+) -> None:
+    """Makes ``config.input.dataset = name`` (``'name:ARG'`` when ``takes_arg``) read the source
+    ``factory(request)`` builds. ``form``: how the dataset string is written, for error messages
+    (e.g. ``"'tfds:NAME' (e.g. 'tfds:cifar10')"``)."""
+    if name in _SOURCES or ":" in name:
+        raise ValueError(f"dataset name {name!r} is taken or has a ':'")
+    _SOURCES[name] = _Registration(factory, form, takes_arg)
+
+
+def dataset_forms() -> str:
+    """The accepted dataset strings, for error messages."""
+    return ", ".join(r.form for r in _SOURCES.values())
 
 
 def make_source(
@@ -427,26 +476,42 @@ def make_source(
     synthetic_shape: Sequence[int] = (32, 32, 3),
     on_corrupt: CorruptMode = "skip",
 ) -> Source:
-    """Returns a random-access source for a dataset string.
-
-    Accepted forms: 'fashion_mnist' (IDX .gz files in ``data_dir`` or
-    /usr/share/datasets/fashion-mnist), 'tfds:NAME' (prepared ArrayRecord data in ``data_dir``),
-    'folder:PATH' (PNG/JPEG files), 'synthetic' (``synthetic_size`` images of
-    ``synthetic_shape``). Every source has ``len``, ``[i] -> {'image': uint8 [H, W, C], 'label':
-    int32}``, ``image_shape`` (None if sizes vary), ``channels`` and ``num_classes`` (or None).
-    """
-    if dataset == "fashion_mnist":
-        images, labels = load_fashion_mnist(split, data_dir)
-        return ArraySource(images, labels, num_classes=10)
-    if dataset.startswith("tfds:") and len(dataset) > len("tfds:"):
-        return TfdsSource(dataset[len("tfds:") :], split, data_dir)
-    if dataset.startswith("folder:") and len(dataset) > len("folder:"):
-        return FolderSource(dataset[len("folder:") :], split, on_corrupt=on_corrupt)
-    if dataset == "synthetic":
-        return SyntheticSource(synthetic_size, synthetic_shape, split)
-    raise UserError(
-        f"Unknown dataset {dataset!r}. Set config.input.dataset to one of: {DATASET_FORMS}."
+    """Returns the random-access source a dataset string names (see `register_source`; the
+    built-in forms are 'fashion_mnist', 'tfds:NAME', 'folder:PATH' and 'synthetic')."""
+    name, sep, arg = dataset.partition(":")
+    registration = _SOURCES.get(name)
+    if registration is None or registration.takes_arg != bool(arg) or (sep and not arg):
+        raise UserError(
+            f"Unknown dataset {dataset!r}. Set config.input.dataset to one of: {dataset_forms()}."
+        )
+    request = SourceRequest(
+        arg, split, data_dir, synthetic_size, tuple(synthetic_shape), on_corrupt=on_corrupt
     )
+    return registration.factory(request)
+
+
+register_source(
+    "fashion_mnist",
+    lambda r: ArraySource(*load_fashion_mnist(r.split, r.data_dir), num_classes=10),
+    form="'fashion_mnist' (IDX .gz files in input.data_dir or " + FASHION_MNIST_DIR + ")",
+)
+register_source(
+    "tfds",
+    lambda r: TfdsSource(r.arg, r.split, r.data_dir),
+    form="'tfds:NAME' (e.g. 'tfds:cifar10'; prepared ArrayRecord data in input.data_dir)",
+    takes_arg=True,
+)
+register_source(
+    "folder",
+    lambda r: FolderSource(r.arg, r.split, on_corrupt=r.on_corrupt),
+    form="'folder:PATH' (PNG/JPEG files)",
+    takes_arg=True,
+)
+register_source(
+    "synthetic",
+    lambda r: SyntheticSource(r.synthetic_size, r.image_shape, r.split),
+    form="'synthetic' (tests only: input.synthetic_size images of the input's shape)",
+)
 
 
 # ----------------------------------------------------------------------------------------------
