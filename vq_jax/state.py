@@ -1,7 +1,7 @@
 """Train state: a plain dict pytree, and its creation from a config.
 
-This module and `trainer.py` are the only places that read the config tree; everything they
-build (modules, optimizers) takes plain fields.
+This module and the training code (`trainer.py`, `loop.py`, `tasks/`) are the only places that
+read the config tree; everything they build (modules, optimizers) takes plain fields.
 
 State layout (keys absent when unused):
   step            int32 scalar, the number of completed updates
