@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from vq_jax import state as state_lib
+from vq_jax import steps as steps_lib
 from vq_jax import trainer
 
 
@@ -50,7 +51,10 @@ def setup_step(config: mlc.ConfigDict) -> StepSetup:
         },
         jax.NamedSharding(mesh, jax.P(trainer.DATA_AXIS)),
     )
-    step = trainer.jit_train_step(comps, trainer.loss_settings(config), mesh, abstract)
+    settings = trainer.loss_settings(config)  # the step of step 0's phase (VQGAN: static)
+    step_fn = steps_lib.make_tokenizer_step(comps, settings)
+    phase = steps_lib.phase_at(settings, 0)
+    step = trainer.jit_step(functools.partial(step_fn, phase=phase), mesh, abstract)
     return StepSetup(comps, mesh, step, state, batch, key)
 
 

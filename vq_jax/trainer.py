@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import jax
@@ -149,9 +149,11 @@ def make_mesh() -> jax.sharding.Mesh:
     )
 
 
-def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, abstract_state: Any) -> Callable:
-    """`step_fn(state, batch, key)` jitted over `mesh`: state replicated and donated, batch split
-    on `data`, measurements replicated."""
+def jit_step(
+    step_fn: Callable, mesh: jax.sharding.Mesh, abstract_state: Any, static_argnums=()
+) -> Callable:
+    """`step_fn(state, batch, key[, phase])` jitted over `mesh`: state replicated and donated,
+    batch split on `data`, measurements replicated; `static_argnums` (3: a phase)."""
     repl = jax.NamedSharding(mesh, jax.P())
     state_sharding = jax.tree.map(lambda _: repl, abstract_state)
     return jax.jit(
@@ -159,6 +161,7 @@ def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, abstract_state: Any) ->
         in_shardings=(state_sharding, jax.NamedSharding(mesh, jax.P(DATA_AXIS)), repl),
         out_shardings=(state_sharding, repl),
         donate_argnums=0,
+        static_argnums=static_argnums,
         compiler_options=xla_options.mesh_compiler_options(mesh),
     )
 
@@ -171,9 +174,9 @@ def jit_train_step(
     *,
     skip_nonfinite: bool = False,
 ):
-    """The tokenizer train step, jitted and sharded by `jit_step`."""
+    """The tokenizer train step, jitted and sharded by `jit_step`; its `phase` (VQGAN) static."""
     step_fn = steps_lib.make_tokenizer_step(comps, settings, skip_nonfinite=skip_nonfinite)
-    return jit_step(step_fn, mesh, abstract_state)
+    return jit_step(step_fn, mesh, abstract_state, static_argnums=3)
 
 
 def loss_settings(config: mlc.ConfigDict) -> steps_lib.LossSettings:
@@ -316,6 +319,8 @@ class Task:
     warm_start:  a fresh run's initial state -> the state it starts from (fine-tuning), or None.
     preview:     (state, step, writer) -> None: a cheap first picture (WORKDIR/preview.png) at
                  a run's first progress line, long before the first evaluation; or None.
+    phase:       step -> the static `phase` argument of the step (one executable each), or None:
+                 the step is called without one.
     """
 
     init_fn: Callable[[jax.Array], State]
@@ -324,6 +329,7 @@ class Task:
     evaluate: Callable[[State, int, metrics.MetricWriter], dict[str, float]]
     warm_start: Callable[[State], State] | None = None
     preview: Callable[[State, int, metrics.MetricWriter], None] | None = None
+    phase: Callable[[int], Hashable] | None = None
 
 
 def save_json(path: str, obj: Any) -> None:
@@ -393,6 +399,7 @@ def run(
     elif data_state:  # a converted workdir saves none: its first run starts the stream fresh
         it.set_state(data_state)
     train_step = task.make_step(abstract)
+    compiled: dict[Hashable, Callable] = {}  # phase -> the compiled step
     all_finite = jax.jit(
         lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)]))
     )
@@ -432,14 +439,20 @@ def run(
                     for k, v in local.items()
                 }
             batch = to_global(local, batch_sharding)
-            if step == start:
+            # --- issue 19 phases: one compiled step per phase (task.phase), compiled when needed
+            phase = task.phase(step) if task.phase is not None else None
+            if phase not in compiled:
                 t0 = time.time()
-                train_step = train_step.lower(state, batch, step_key).compile()
-                all_finite = all_finite.lower(state).compile()  # a preemption save: no compile
-                print(f"compiled train step in {time.time() - t0:.1f} s", flush=True)
-                distributed.barrier(f"compiled_train_step_{start}")  # before the collectives
+                args = (state, batch, step_key) + (() if phase is None else (phase,))
+                compiled[phase] = train_step.lower(*args).compile()
+                if step == start:
+                    all_finite = all_finite.lower(state).compile()  # preemption save: no compile
+                named = "" if phase is None else f" for phase {phase}"
+                print(f"compiled train step{named} in {time.time() - t0:.1f} s", flush=True)
+                distributed.barrier(f"compiled_train_step_{step}")  # before the collectives
                 t_log = time.time()
-            state, measurements = train_step(state, batch, step_key)
+            state, measurements = compiled[phase](state, batch, step_key)
+            # --- end issue 19 phases
             # At most MAX_IN_FLIGHT steps dispatched and unfinished: a preemption notice then
             # waits for one step, not for a deep queue (the CPU runs ~30 steps behind otherwise).
             in_flight.append(measurements)
@@ -575,6 +588,11 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         skip = tc.skip_nonfinite_steps
         return jit_train_step(comps, loss_settings(config), mesh, abstract, skip_nonfinite=skip)
 
+    # issue 19: the adversarial phase of each step (VQGAN), a static argument of the step
+    phase = (
+        None if comps.disc is None else functools.partial(steps_lib.phase_at, loss_settings(config))
+    )
+
     eval_step = jax.jit(
         steps_lib.make_eval_step(comps),
         in_shardings=(repl, repl, batch_sharding),
@@ -670,7 +688,7 @@ def tokenizer_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         warm_start = functools.partial(
             finetune.warm_start, comps=comps, source=source, sharding=repl
         )
-    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start, preview)
+    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start, preview, phase)
 
 
 class TokenSource:
