@@ -145,6 +145,22 @@ def test_adaptive_weight_matches_two_separate_grads(perceptual, tmp_path):
     assert float(m["adaptive_weight"]) > 0
 
 
+def test_model_last_layer_gives_the_output():
+    """VQModel.last_layer (what the step uses for the adaptive weight): its kernel is the
+    decoder's last kernel, and its map, plus the bias, gives the reconstruction."""
+    config = vqgan.get_config("tiny")
+    comps, key, init_fn = _setup(config)
+    state = init_fn(key)
+    params, x = state["params"], _batch(config)["image"]
+    (recon, _), new_vars = comps.model.apply(
+        {"params": params, **state["model_state"]}, x, mutable=["intermediates"]
+    )
+    kernel, apply = comps.model.last_layer(params, new_vars["intermediates"])
+    assert kernel is params["decoder"]["conv_out"]["kernel"]
+    out = apply(kernel) + params["decoder"]["conv_out"]["bias"]
+    np.testing.assert_allclose(out, recon, rtol=1e-5, atol=1e-5)
+
+
 def test_reconstruction_loss_and_grad_matches_separate_grads():
     """The one-backward loss has the value of `reconstruction_loss`, returns d/d(recon), and
     passes the right gradient on to whatever produced `recon` (checked with plain jax.grad)."""
