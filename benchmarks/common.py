@@ -12,6 +12,7 @@ import ml_collections as mlc
 
 from vq_jax import loop
 from vq_jax import state as state_lib
+from vq_jax import steps as steps_lib
 from vq_jax.tasks import tokenizer as tokenizer_task
 
 
@@ -51,9 +52,10 @@ def setup_step(config: mlc.ConfigDict) -> StepSetup:
         },
         jax.NamedSharding(mesh, jax.P(loop.DATA_AXIS)),
     )
-    step = tokenizer_task.jit_train_step(
-        comps, tokenizer_task.loss_settings(config), mesh, abstract
-    )
+    settings = tokenizer_task.loss_settings(config)  # the step of step 0's phase (VQGAN: static)
+    step_fn = steps_lib.make_tokenizer_step(comps, settings)
+    phase = steps_lib.phase_at(settings, 0)
+    step = loop.jit_step(functools.partial(step_fn, phase=phase), mesh, abstract)
     return StepSetup(comps, mesh, step, state, batch, key)
 
 

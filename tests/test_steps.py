@@ -1,5 +1,6 @@
 """The tokenizer train step: sharding invariance, the adaptive weight, G/D isolation."""
 
+import dataclasses
 import functools
 
 import chex
@@ -39,13 +40,12 @@ def _run(config, devices, num_steps=3):
     repl = jax.NamedSharding(mesh, jax.P())
     abstract = jax.eval_shape(init_fn, key)
     state = jax.jit(init_fn, out_shardings=repl)(key)
-    step = tokenizer_task.jit_train_step(
-        comps, tokenizer_task.loss_settings(config), mesh, abstract
-    )
+    settings = tokenizer_task.loss_settings(config)
+    step = tokenizer_task.jit_train_step(comps, settings, mesh, abstract)
     out = []
     for i in range(num_steps):
         batch = jax.device_put(_batch(config, i), jax.NamedSharding(mesh, jax.P("data")))
-        state, m = step(state, batch, key)
+        state, m = step(state, batch, key, steps_lib.phase_at(settings, i))
         out.append(jax.device_get(m))
     return jax.device_get(state), out
 
@@ -87,6 +87,12 @@ def _disc_forward(comps, disc_params, x):
     return comps.disc.apply({"params": disc_params}, x)
 
 
+def _step_at(comps, s, step=0):
+    """The jitted tokenizer step with the phase of `step` bound (VQGAN: a static argument)."""
+    fn = steps_lib.make_tokenizer_step(comps, s)
+    return jax.jit(functools.partial(fn, phase=steps_lib.phase_at(s, step)))
+
+
 @pytest.mark.parametrize("perceptual", [False, True], ids=["l1", "l1+lpips"])
 def test_adaptive_weight_matches_two_separate_grads(perceptual, tmp_path):
     """lambda = ||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) * disc_weight, W = decoder conv_out kernel.
@@ -109,8 +115,7 @@ def test_adaptive_weight_matches_two_separate_grads(perceptual, tmp_path):
     state = init_fn(key)
     batch = _batch(config)
     s = tokenizer_task.loss_settings(config)
-    step = jax.jit(steps_lib.make_tokenizer_step(comps, s))
-    _, m = step(state, batch, key)
+    _, m = _step_at(comps, s)(state, batch, key)
 
     params, x = state["params"], batch["image"]
 
@@ -139,6 +144,22 @@ def test_adaptive_weight_matches_two_separate_grads(perceptual, tmp_path):
     expected = np.clip(expected, 0.0, 1e4) * 0.7
     np.testing.assert_allclose(float(m["adaptive_weight"]), expected, rtol=1e-4)
     assert float(m["adaptive_weight"]) > 0
+
+
+def test_model_last_layer_gives_the_output():
+    """VQModel.last_layer (what the step uses for the adaptive weight): its kernel is the
+    decoder's last kernel, and its map, plus the bias, gives the reconstruction."""
+    config = vqgan.get_config("tiny")
+    comps, key, init_fn = _setup(config)
+    state = init_fn(key)
+    params, x = state["params"], _batch(config)["image"]
+    (recon, _), new_vars = comps.model.apply(
+        {"params": params, **state["model_state"]}, x, mutable=["intermediates"]
+    )
+    kernel, apply = comps.model.last_layer(params, new_vars["intermediates"])
+    assert kernel is params["decoder"]["conv_out"]["kernel"]
+    out = apply(kernel) + params["decoder"]["conv_out"]["bias"]
+    np.testing.assert_allclose(out, recon, rtol=1e-5, atol=1e-5)
 
 
 def test_reconstruction_loss_and_grad_matches_separate_grads():
@@ -172,38 +193,76 @@ def test_adaptive_weight_zero_before_disc_start():
     config.loss.disc_start = 5
     config.loss.disc_train_start = 0
     comps, key, init_fn = _setup(config)
-    step = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))
-    _, m = step(init_fn(key), _batch(config), key)
+    _, m = _step_at(comps, tokenizer_task.loss_settings(config))(init_fn(key), _batch(config), key)
     assert float(m["adaptive_weight"]) == 0.0 and float(m["g_adv"]) == 0.0
     assert float(m["disc_active"]) == 1.0 and float(m["d_loss"]) > 0
 
 
-def test_select_on_cpu_gives_the_steps_of_lax_cond(monkeypatch):
-    """cond_or_select (both branches, then select) against lax.cond, across disc_start: step 0
-    has no adversarial terms and no D update, step 1 has both."""
+def test_phase_at_follows_disc_start_and_disc_train_start():
+    s = steps_lib.LossSettings(disc_start=3, disc_train_start=1)
+    phases = [steps_lib.phase_at(s, i) for i in range(5)]
+    assert phases == [(False, False), (False, True), (False, True), (True, True), (True, True)]
+    assert phases[3].generator_adversarial and phases[1].discriminator
+
+
+class _CountingDisc:
+    """A discriminator that counts its applications while the step is traced."""
+
+    def __init__(self, disc):
+        self.disc, self.calls = disc, 0
+
+    def apply(self, *args, **kwargs):
+        self.calls += 1
+        return self.disc.apply(*args, **kwargs)
+
+
+def test_no_discriminator_work_before_disc_start():
+    """Before disc_start (and disc_train_start) the step holds no discriminator at all: none is
+    applied while tracing, D's state comes back bit for bit, and the generator's update is the
+    one without adversarial terms (a VQGAN whose adversarial weights are zero, the full step).
+    From disc_start on, the step's phase has both: adversarial terms and a D update."""
     config = vqgan.get_config("tiny")
-    config.loss.disc_start = 1
-    config.loss.disc_train_start = 1
+    config.loss.update(disc_start=1, disc_train_start=1, feature_matching_weight=0.5)
     comps, key, init_fn = _setup(config)
-    batch = _batch(config)
+    counting = _CountingDisc(comps.disc)
+    comps = dataclasses.replace(comps, disc=counting)
+    s = tokenizer_task.loss_settings(config)
+    state, batch = jax.device_get(init_fn(key)), _batch(config)
+    before = jax.jit(steps_lib.make_tokenizer_step(comps, s), static_argnums=3)
+    s0, m0 = before(state, batch, key, steps_lib.phase_at(s, 0))
+    assert counting.calls == 0
+    for k in D_KEYS:
+        assert _tree_equal(state[k], s0[k]), k
+    assert float(m0["g_adv"]) == 0.0 and float(m0["disc_active"]) == 0.0
+    assert float(m0["d_loss"]) == 0.0
 
-    def two_steps():
-        step = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))
-        s0, m0 = step(init_fn(key), batch, key)
-        s1, m1 = step(s0, batch, key)
-        return s0, m0, s1, m1
+    # reference: the full step with zero adversarial weights (lambda = 0, no feature matching)
+    off = dataclasses.replace(s, disc_weight=0.0, feature_matching_weight=0.0)
+    full = steps_lib.Phase(True, True)
+    ref, m_ref = jax.jit(steps_lib.make_tokenizer_step(comps, off), static_argnums=3)(
+        state, batch, key, full
+    )
+    assert counting.calls > 0
+    for k in G_KEYS:
+        chex.assert_trees_all_close(s0[k], ref[k], rtol=1e-5, atol=1e-6)
+    for k in ("loss", "rec_loss", "quant_loss", "l2_grads"):
+        np.testing.assert_allclose(m0[k], m_ref[k], rtol=1e-5)
+    assert set(m0) == set(m_ref)  # every phase reports the same measurements
 
-    monkeypatch.setattr(steps_lib, "_SELECT_ON", ("cpu",))
-    selected = two_steps()
-    monkeypatch.setattr(steps_lib, "_SELECT_ON", ())
-    branched = two_steps()
-    assert float(selected[1]["g_adv"]) == 0.0 and float(selected[1]["disc_active"]) == 0.0
-    assert float(selected[3]["g_adv"]) != 0.0 and float(selected[3]["disc_active"]) == 1.0
-    # States after step 0 and every measurement agree to float rounding. Step 1's states are
-    # not compared: Adam turns the rounding noise of zero-mean gradients (the attention's key
-    # bias, which softmax ignores) into full-size updates of either sign.
-    chex.assert_trees_all_close(selected[:2], branched[:2], rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(selected[3], branched[3], rtol=1e-4, atol=1e-6)
+    counting.calls = 0
+    s1, m1 = before(s0, batch, key, steps_lib.phase_at(s, 1))
+    assert counting.calls > 0  # the second phase was traced, with the discriminator
+    assert float(m1["g_adv"]) != 0.0 and float(m1["feature_matching"]) > 0
+    assert float(m1["disc_active"]) == 1.0 and float(m1["d_loss"]) > 0
+    assert not _tree_equal(s0["disc_params"], s1["disc_params"])
+
+
+def test_vqgan_step_without_phase_says_what_it_needs():
+    config = vqgan.get_config("tiny")
+    comps, key, init_fn = _setup(config)
+    step = steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config))
+    with pytest.raises(TypeError, match="phase_at"):
+        step(init_fn(key), _batch(config), key)
 
 
 def _tree_equal(a, b):
@@ -252,8 +311,7 @@ def test_discriminator_loss_measurement_matches_hinge_formula():
     comps, key, init_fn = _setup(config)
     state = init_fn(key)
     batch = _batch(config)
-    step = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))
-    _, m = step(state, batch, key)
+    _, m = _step_at(comps, tokenizer_task.loss_settings(config))(state, batch, key)
     recon, _ = comps.model.apply(
         {"params": state["params"], **state["model_state"]}, batch["image"]
     )
@@ -285,9 +343,7 @@ def test_perceptual_term_is_lpips_and_enters_the_loss(tmp_path):
     comps, key, init_fn = _setup(config)
     state = init_fn(key)
     batch = _batch(config)
-    _, m = jax.jit(steps_lib.make_tokenizer_step(comps, tokenizer_task.loss_settings(config)))(
-        state, batch, key
-    )
+    _, m = _step_at(comps, tokenizer_task.loss_settings(config))(state, batch, key)
     recon, _ = comps.model.apply(
         {"params": state["params"], **state["model_state"]}, batch["image"]
     )

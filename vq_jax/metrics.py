@@ -1,6 +1,7 @@
 """Evaluation metrics (PSNR, SSIM, codebook statistics) and metric / image writers.
 
-``psnr``, ``ssim``, ``code_histogram`` and ``codebook_stats`` are jittable ``jnp`` functions.
+``psnr``, ``ssim``, ``code_histogram`` and ``codebook_stats`` are jittable ``jnp`` functions (the
+code histogram and its statistics are the quantizers' own, from vq_jax.nets.quantizers).
 ``MetricWriter`` and the image helpers are host-side (numpy / PIL / tensorboardX) and are meant to
 run on process 0 only.
 """
@@ -17,6 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# One histogram for training and evaluation: the quantizers' (re-exported here).
+from vq_jax.nets.quantizers import code_histogram as code_histogram
+from vq_jax.nets.quantizers import histogram_stats
 
 # PSNR clamps the per-image MSE here, so identical images give a finite value
 # (10 * log10(data_range**2 / 1e-10), ~106 dB for data_range=2) instead of inf.
@@ -104,40 +109,12 @@ def ssim(x: jax.Array, y: jax.Array, data_range: float = 2.0) -> jax.Array:
     return jnp.mean(num / den, axis=(1, 2, 3))
 
 
-def code_histogram(
-    indices: jax.Array, codebook_size: int, mask: jax.Array | None = None
-) -> jax.Array:
-    """Counts of each code in ``indices`` (any shape), float32 [codebook_size].
-
-    ``mask`` (same shape as ``indices``, bool or float) weights each position, e.g. to ignore
-    padding. Indices outside [0, codebook_size) are dropped.
-    """
-    indices = jnp.asarray(indices).astype(jnp.int32).reshape(-1)
-    if mask is None:
-        weights = jnp.ones(indices.shape, jnp.float32)
-    else:
-        mask = jnp.asarray(mask)
-        if mask.size != indices.size:
-            raise ValueError(
-                f"code_histogram mask has {mask.size} elements but indices have {indices.size}; "
-                "pass a mask with the same shape as indices"
-            )
-        weights = mask.astype(jnp.float32).reshape(-1)
-    return jax.ops.segment_sum(weights, indices, num_segments=codebook_size)
-
-
 def codebook_stats(counts: jax.Array) -> dict[str, jax.Array]:
-    """Perplexity (exp of the entropy of counts / sum) and usage (fraction of codes with count > 0).
-
-    An all-zero histogram gives perplexity 1 and usage 0.
+    """Perplexity (exp of the entropy of counts / sum) and usage (fraction of codes with count > 0)
+    of a histogram from ``code_histogram``. An all-zero histogram gives perplexity 1 and usage 0.
     """
-    counts = jnp.asarray(counts, jnp.float32)
-    probs = counts / jnp.maximum(jnp.sum(counts), 1e-12)
-    entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0))
-    return {
-        "perplexity": jnp.exp(entropy),
-        "usage": jnp.mean((counts > 0).astype(jnp.float32)),
-    }
+    perplexity, usage = histogram_stats(counts)
+    return {"perplexity": perplexity, "usage": usage}
 
 
 def to_uint8(images: Any) -> np.ndarray:

@@ -1,14 +1,16 @@
 """Pure training and evaluation steps: no I/O, no config tree, jittable and shardable.
 
-`make_tokenizer_step` returns `train_step(state, batch, key) -> (state, measurements)`. The
-generator (encoder, quantizer, decoder) and the discriminator each have their own optax
-optimizer; an update of one never touches the other's parameters or optimizer state.
+`make_tokenizer_step` returns `train_step(state, batch, key, phase) -> (state, measurements)`.
+The generator (encoder, quantizer, decoder) and the discriminator each have their own optax
+optimizer; an update of one never touches the other's parameters or optimizer state. `phase`
+(a `Phase`, static under jit: `phase_at(settings, step)` on the host) says which adversarial
+parts the step holds, so before `disc_start` no discriminator work is traced at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -16,24 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from vq_jax import losses, metrics, prior_losses, priors
-from vq_jax.nets.conv import conv2d
 from vq_jax.state import Components, PriorComponents, State, rng_stream
-
-# Backends whose compiler runs convolutions inside conditional branches far slower than outside:
-# XLA:CPU does not bring convs in `lax.cond` branches to its Eigen kernels (a 4x4 conv's kernel
-# gradient: 387 ms in a branch, 3.5 ms outside; BENCHMARKS.md section 6).
-_SELECT_ON = ("cpu",)
-
-
-def cond_or_select(pred: jax.Array, true_fn: Callable, false_fn: Callable, operand: Any) -> Any:
-    """``lax.cond(pred, true_fn, false_fn, operand)``; on the backends in ``_SELECT_ON`` both
-    branches run and the result is selected: the same values, and the same gradients while the
-    unused branch stays finite (it gets a zero cotangent)."""
-    if jax.default_backend() not in _SELECT_ON:
-        return jax.lax.cond(pred, true_fn, false_fn, operand)
-    on, off = true_fn(operand), false_fn(operand)
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on, off)
-
 
 Measurements = dict[str, jax.Array]
 
@@ -57,23 +42,51 @@ class LossSettings:
     ema_decay: float = 0.0
 
 
-def last_layer_grad(
-    features: jax.Array, kernel: jax.Array, grad_out: jax.Array, weight_grad: str = "auto"
-) -> jax.Array:
-    """d(loss)/d(kernel) of the decoder's final 3x3 'SAME' conv, from d(loss)/d(output),
-    computed the way the model computes its convs (`weight_grad`, see nets.conv.conv2d).
+class Phase(NamedTuple):
+    """Which adversarial parts a tokenizer step holds (static under jit: one executable each).
 
-    The final layer is out = conv(features, kernel) + bias, so the gradient of any loss term with
-    respect to `kernel` depends only on that layer's input and the term's gradient with respect to
-    the output image. This gives taming's adaptive weight without a second backward pass through
-    the decoder.
+    generator_adversarial: the generator loss has the discriminator's terms (from disc_start).
+    discriminator:         the discriminator is updated (from disc_train_start).
     """
-    pad = ((1, 1), (1, 1))  # 'SAME' for the 3x3 conv
-    _, vjp = jax.vjp(
-        lambda k: conv2d(features.astype(jnp.float32), k, (1, 1), pad, weight_grad),
-        kernel.astype(jnp.float32),
-    )
+
+    generator_adversarial: bool
+    discriminator: bool
+
+
+def phase_at(s: LossSettings, step: int) -> Phase:
+    """The phase of the update from `step` to `step + 1` (a host-side integer)."""
+    return Phase(step >= s.disc_start, step >= s.disc_train_start)
+
+
+LastLayer = tuple[jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+def last_layer_grad(last_layer: LastLayer, grad_out: jax.Array) -> jax.Array:
+    """d(loss)/d(kernel) of the decoder's last layer, from d(loss)/d(output).
+
+    `last_layer` is the model's `(kernel, kernel -> output)` (VQModel.last_layer): the output is
+    linear in the kernel given the layer's input, so the gradient of any loss term with respect
+    to the kernel needs only that input and the term's gradient with respect to the output
+    image. This gives taming's adaptive weight without a second backward pass through the
+    decoder.
+    """
+    kernel, apply = last_layer
+    _, vjp = jax.vjp(apply, kernel.astype(jnp.float32))
     return vjp(grad_out.astype(jnp.float32))[0]
+
+
+def _zeros(names: Iterable[str]) -> Measurements:
+    return {k: jnp.zeros((), jnp.float32) for k in names}
+
+
+def keep_if_finite(
+    new: State, old: State, aux: Measurements, checked: Iterable[str]
+) -> tuple[State, Measurements]:
+    """skip_nonfinite: `new` where the measurements `checked` (those present) are all finite,
+    else `old`; reports `skipped` (1 when the update was dropped)."""
+    finite = jnp.all(jnp.stack([jnp.isfinite(aux[k]) for k in checked if k in aux]))
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return new, dict(aux, skipped=1.0 - finite.astype(jnp.float32))
 
 
 def reconstruction_loss(
@@ -115,6 +128,16 @@ def reconstruction_loss_and_grad(
     return value + jnp.sum(g * (recon - fixed)), g, terms
 
 
+# Measurements of the adversarial parts: zeros in a phase without them, so every phase reports
+# the same names.
+_G_ADV_NAMES = ("g_adv", "adaptive_weight", "feature_matching")
+
+
+def _disc_names(s: LossSettings) -> tuple[str, ...]:
+    extra = (("r1",) if s.r1_weight else ()) + (("lecam",) if s.lecam_weight else ())
+    return ("logits_real", "logits_fake", *extra, "d_loss", "l2_disc_grads")
+
+
 class TokenizerUpdates(NamedTuple):
     """The two halves of a tokenizer step; each writes only its own part of the state."""
 
@@ -123,14 +146,17 @@ class TokenizerUpdates(NamedTuple):
 
 
 def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdates:
-    """`generator(state, x, rngs) -> (state, aux, recon)` and (VQGAN)
-    `discriminator(state, x, fake) -> (state, aux)`."""
+    """`generator(state, x, rngs, adversarial=True) -> (state, aux, recon)` and (VQGAN)
+    `discriminator(state, x, fake, active=True) -> (state, aux)`; the flags are Python bools
+    (a `Phase`'s fields): off, the discriminator is not applied at all."""
     model, disc = comps.model, comps.disc
 
     def disc_apply(disc_params: Any, images: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         return disc.apply({"params": disc_params}, images, return_features=True)
 
-    def generator_loss(params: Any, state: State, x: jax.Array, rngs: dict[str, jax.Array]):
+    def generator_loss(
+        params: Any, state: State, x: jax.Array, rngs: dict[str, jax.Array], adversarial: bool
+    ):
         variables = {"params": params, **state["model_state"]}
         (recon, qres), new_vars = model.apply(
             variables, x, train=True, rngs=rngs, mutable=["vq_stats", "intermediates"]
@@ -145,113 +171,99 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             **qres.aux,  # every measurement the quantizer kind gives, under its own name
         }
         aux.update(rec_terms)
-        if disc is not None:
-            features = new_vars["intermediates"]["decoder"]["conv_out_input"][0]
-            kernel = params["decoder"]["conv_out"]["kernel"]
-            adv, adv_aux = adversarial_terms(state, x, recon, rec_grad_img, features, kernel)
+        if disc is not None and adversarial:
+            last_layer = model.last_layer(params, new_vars["intermediates"])
+            adv, adv_aux = adversarial_terms(state, x, recon, rec_grad_img, last_layer)
             loss += adv
             aux.update(adv_aux)
+        elif disc is not None:
+            aux.update(_zeros(_G_ADV_NAMES))
         model_state = {k: v for k, v in new_vars.items() if k != "intermediates"}
         aux["loss"] = loss
         return loss, (aux, model_state, recon)
 
-    def adversarial_terms(state, x, recon, rec_grad_img, features, kernel):
-        """lambda * G_adv + feature matching from `disc_start` on (zero before)."""
+    def adversarial_terms(state, x, recon, rec_grad_img, last_layer: LastLayer):
+        """lambda * G_adv + feature matching (the phase from `disc_start` on)."""
         disc_params = state["disc_params"]
+        g_adv_fn = lambda r: losses.generator_loss(s.adversarial, disc_apply(disc_params, r)[0])
+        g_adv = g_adv_fn(recon)
+        if s.adaptive_weight:
+            # Gradients of the two terms w.r.t. the decoder's last-layer kernel, via d/d(recon).
+            adv_grad_img = jax.grad(g_adv_fn)(jax.lax.stop_gradient(recon))
+            lam = losses.adaptive_weight(
+                last_layer_grad(last_layer, rec_grad_img),
+                last_layer_grad(last_layer, adv_grad_img),
+                disc_weight=s.disc_weight,
+            )
+        else:
+            lam = jnp.asarray(s.disc_weight, jnp.float32)
+        fm = jnp.zeros((), jnp.float32)
+        if s.feature_matching_weight:
+            _, feats_real = disc_apply(disc_params, x)
+            _, feats_fake = disc_apply(disc_params, recon)
+            fm = losses.feature_matching_loss(feats_real, feats_fake)
+        total = lam * g_adv + s.feature_matching_weight * fm
+        return total, {"g_adv": g_adv, "adaptive_weight": lam, "feature_matching": fm}
 
-        def active(recon):
-            g_adv_fn = lambda r: losses.generator_loss(s.adversarial, disc_apply(disc_params, r)[0])
-            g_adv = g_adv_fn(recon)
-            if s.adaptive_weight:
-                # Gradients of the two terms w.r.t. the decoder's last-layer kernel, via d/d(recon).
-                adv_grad_img = jax.grad(g_adv_fn)(jax.lax.stop_gradient(recon))
-                mode = getattr(comps.model, "conv_weight_grad", "auto")
-                lam = losses.adaptive_weight(
-                    last_layer_grad(features, kernel, rec_grad_img, mode),
-                    last_layer_grad(features, kernel, adv_grad_img, mode),
-                    disc_weight=s.disc_weight,
-                )
-            else:
-                lam = jnp.asarray(s.disc_weight, jnp.float32)
-            fm = jnp.zeros((), jnp.float32)
-            if s.feature_matching_weight:
-                _, feats_real = disc_apply(disc_params, x)
-                _, feats_fake = disc_apply(disc_params, recon)
-                fm = losses.feature_matching_loss(feats_real, feats_fake)
-            total = lam * g_adv + s.feature_matching_weight * fm
-            return total, {"g_adv": g_adv, "adaptive_weight": lam, "feature_matching": fm}
-
-        def inactive(recon):
-            z = jnp.zeros((), jnp.float32)
-            return z, {"g_adv": z, "adaptive_weight": z, "feature_matching": z}
-
-        return cond_or_select(state["step"] >= s.disc_start, active, inactive, recon)
+    def d_loss_fn(disc_params: Any, state: State, x: jax.Array, fake: jax.Array):
+        logits_real, _ = disc_apply(disc_params, x)
+        logits_fake, _ = disc_apply(disc_params, fake)
+        d_loss = losses.discriminator_loss(s.adversarial, logits_real, logits_fake)
+        aux = {"logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+        if s.r1_weight:
+            r1 = losses.r1_penalty(lambda im: disc_apply(disc_params, im)[0], x)
+            d_loss += s.r1_weight * r1
+            aux["r1"] = r1
+        if s.lecam_weight:
+            ls = state["loss_state"]
+            lecam = losses.lecam_loss(logits_real, logits_fake, ls["lecam_real"], ls["lecam_fake"])
+            d_loss += s.lecam_weight * lecam
+            aux["lecam"] = lecam
+        aux["d_loss"] = d_loss
+        return d_loss, aux
 
     def discriminator_update(
-        state: State, x: jax.Array, fake: jax.Array
+        state: State, x: jax.Array, fake: jax.Array, active: bool = True
     ) -> tuple[State, Measurements]:
         """One discriminator step on real vs stop_gradient(reconstruction); touches only D's
-        parameters, D's optimizer state and the loss statistics."""
-        fake = jax.lax.stop_gradient(fake)
-
-        def d_loss_fn(disc_params):
-            logits_real, _ = disc_apply(disc_params, x)
-            logits_fake, _ = disc_apply(disc_params, fake)
-            d_loss = losses.discriminator_loss(s.adversarial, logits_real, logits_fake)
-            aux = {"logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
-            if s.r1_weight:
-                r1 = losses.r1_penalty(lambda im: disc_apply(disc_params, im)[0], x)
-                d_loss += s.r1_weight * r1
-                aux["r1"] = r1
-            if s.lecam_weight:
-                ls = state["loss_state"]
-                lecam = losses.lecam_loss(
-                    logits_real, logits_fake, ls["lecam_real"], ls["lecam_fake"]
-                )
-                d_loss += s.lecam_weight * lecam
-                aux["lecam"] = lecam
-            aux["d_loss"] = d_loss
-            return d_loss, (aux, logits_real.mean(), logits_fake.mean())
-
-        def active(_):
-            (_, (aux, lr_mean, lf_mean)), grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-                state["disc_params"]
+        parameters, D's optimizer state and the loss statistics. Not `active` (before
+        disc_train_start): the state as it is, zero measurements."""
+        aux = _zeros(_disc_names(s))
+        new = dict(state)
+        if active:
+            (_, aux), grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+                state["disc_params"], state, x, jax.lax.stop_gradient(fake)
             )
-            updates, opt_state = comps.disc_tx.update(
+            updates, new["disc_opt_state"] = comps.disc_tx.update(
                 grads, state["disc_opt_state"], state["disc_params"]
             )
-            disc_params = optax.apply_updates(state["disc_params"], updates)
+            new["disc_params"] = optax.apply_updates(state["disc_params"], updates)
             ls = state["loss_state"]
-            loss_state = dict(
+            new["loss_state"] = dict(
                 zip(
                     ("lecam_real", "lecam_fake"),
                     losses.update_lecam_ema(
-                        ls["lecam_real"], ls["lecam_fake"], lr_mean, lf_mean, s.lecam_decay
+                        ls["lecam_real"],
+                        ls["lecam_fake"],
+                        aux["logits_real"],
+                        aux["logits_fake"],
+                        s.lecam_decay,
                     ),
                     strict=True,
                 )
             )
             aux["l2_disc_grads"] = optax.tree.norm(grads)
-            return disc_params, opt_state, loss_state, aux
-
-        def inactive(_):
-            shapes = jax.eval_shape(active, None)[3]
-            aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-            return state["disc_params"], state["disc_opt_state"], state["loss_state"], aux
-
-        d_active = state["step"] >= s.disc_train_start
-        disc_params, opt_state, loss_state, aux = cond_or_select(d_active, active, inactive, None)
-        aux["disc_active"] = d_active.astype(jnp.float32)
+        aux["disc_active"] = jnp.asarray(float(active), jnp.float32)
         aux["disc_lr"] = comps.disc_schedule(state["step"] - s.disc_train_start)
-        new = dict(state, disc_params=disc_params, disc_opt_state=opt_state, loss_state=loss_state)
         return new, aux
 
     def generator_update(
-        state: State, x: jax.Array, rngs: dict[str, jax.Array]
+        state: State, x: jax.Array, rngs: dict[str, jax.Array], adversarial: bool = True
     ) -> tuple[State, Measurements, jax.Array]:
-        """One generator step (encoder, quantizer, decoder); D's state is read, never written."""
+        """One generator step (encoder, quantizer, decoder); D's state is read, never written.
+        Not `adversarial` (before disc_start): the discriminator's terms are left out."""
         (_, (aux, model_state, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-            state["params"], state, x, rngs
+            state["params"], state, x, rngs, adversarial
         )
         updates, opt_state = comps.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -267,28 +279,36 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
 
 def make_tokenizer_step(
     comps: Components, s: LossSettings, *, skip_nonfinite: bool = False
-) -> Callable[[State, dict[str, jax.Array], jax.Array], tuple[State, Measurements]]:
-    """The tokenizer train step for VQ-VAE (no discriminator) or VQGAN.
+) -> Callable[..., tuple[State, Measurements]]:
+    """The tokenizer train step `train_step(state, batch, key, phase=None)` for VQ-VAE (no
+    discriminator: `phase` is ignored) or VQGAN (`phase` required: `phase_at(s, step)`, a
+    static argument under jit).
 
     With `skip_nonfinite`, a step whose losses or gradient norms are not finite leaves the state
     as it was (but for the step counter) and reports `skipped=1`.
     """
     updates = make_tokenizer_updates(comps, s)
 
-    def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array):
+    def train_step(
+        state: State, batch: dict[str, jax.Array], key: jax.Array, phase: Phase | None = None
+    ):
+        if updates.discriminator is not None and phase is None:
+            raise TypeError(
+                "a VQGAN train step needs its phase: train_step(state, batch, key, "
+                "phase_at(settings, step)), with phase static under jit (static_argnums=3)"
+            )
         key = jax.random.fold_in(key, state["step"])
         rngs = {"dropout": rng_stream(key, "dropout"), "dead_codes": rng_stream(key, "dead_codes")}
         x = batch["image"]
-        new_state, aux, recon = updates.generator(state, x, rngs)
+        adversarial = phase is not None and phase.generator_adversarial
+        new_state, aux, recon = updates.generator(state, x, rngs, adversarial)
         if updates.discriminator is not None:
             # D trains against the reconstruction made before this step's generator update.
-            new_state, disc_aux = updates.discriminator(new_state, x, recon)
+            new_state, disc_aux = updates.discriminator(new_state, x, recon, phase.discriminator)
             aux.update(disc_aux)
         if skip_nonfinite:
             checked = ("loss", "l2_grads", "d_loss", "l2_disc_grads")
-            finite = jnp.all(jnp.stack([jnp.isfinite(aux[k]) for k in checked if k in aux]))
-            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-            aux["skipped"] = 1.0 - finite.astype(jnp.float32)
+            new_state, aux = keep_if_finite(new_state, state, aux, checked)
         new_state["step"] = state["step"] + 1
         return new_state, aux
 
@@ -401,9 +421,7 @@ def make_prior_step(
             "lr": comps.schedule(state["step"]),
         }
         if skip_nonfinite:
-            finite = jnp.isfinite(loss) & jnp.isfinite(aux["l2_grads"])
-            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-            aux["skipped"] = 1.0 - finite.astype(jnp.float32)
+            new, aux = keep_if_finite(new, state, aux, ("loss", "l2_grads"))
         new["step"] = state["step"] + 1
         return new, aux
 

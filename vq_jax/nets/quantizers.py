@@ -295,15 +295,32 @@ def code_sums(x: Array, indices: Array, codebook_size: int, block: int = SEARCH_
     return sums[:codebook_size]
 
 
-def code_histogram(indices: Array, codebook_size: int) -> Array:
-    """Float32 count of each code index in ``indices`` (any shape) -> [codebook_size]."""
-    return jnp.bincount(indices.reshape(-1), length=codebook_size).astype(jnp.float32)
+def code_histogram(indices: Array, codebook_size: int, mask: Array | None = None) -> Array:
+    """Counts of each code in ``indices`` (any shape), float32 [codebook_size]: the quantizers'
+    batch statistics and the evaluation's (vq_jax.metrics).
+
+    ``mask`` (same shape as ``indices``, bool or float) weights each position, e.g. to ignore
+    padding. Indices outside [0, codebook_size) are dropped.
+    """
+    indices = jnp.asarray(indices).astype(jnp.int32).reshape(-1)
+    if mask is None:
+        weights = jnp.ones(indices.shape, jnp.float32)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.size != indices.size:
+            raise ValueError(
+                f"code_histogram mask has {mask.size} elements but indices have {indices.size}; "
+                "pass a mask with the same shape as indices"
+            )
+        weights = mask.astype(jnp.float32).reshape(-1)
+    return jax.ops.segment_sum(weights, indices, num_segments=codebook_size)
 
 
 def histogram_stats(counts: Array) -> tuple[Array, Array]:
-    """(perplexity, usage) of a code histogram: exp(entropy) and fraction of non-empty bins."""
-    counts = jax.lax.stop_gradient(counts.astype(jnp.float32))
-    probs = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    """(perplexity, usage) of a code histogram: exp(entropy of counts / sum) and the fraction of
+    non-empty bins; an all-zero histogram gives (1, 0)."""
+    counts = jax.lax.stop_gradient(jnp.asarray(counts, jnp.float32))
+    probs = counts / jnp.maximum(jnp.sum(counts), 1e-12)
     entropy = -jnp.sum(jax.scipy.special.xlogy(probs, probs))
     usage = jnp.mean((counts > 0).astype(jnp.float32))
     return jnp.exp(entropy), usage

@@ -241,7 +241,66 @@ class _Trunk(nn.Module):
         return logits.astype(jnp.float32)
 
 
-class GPT(nn.Module):
+class _TokenPrior(nn.Module):
+    """The fields, input checks, embeddings and trunk that GPT and MaskGIT share."""
+
+    vocab_size: int
+    seq_len: int
+    num_classes: int = 0
+    num_layers: int = 8
+    num_heads: int = 8
+    embed_dim: int = 512
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    cond_len: int = 0  # image-conditional: number of condition tokens
+    cond_vocab: int = 0  # image-conditional: the condition tokenizer's codebook size
+
+    @nn.nowrap
+    def _check_inputs(
+        self, tokens: jax.Array, labels: jax.Array | None, max_len: int
+    ) -> tuple[int, int, jax.Array]:
+        """(batch, length, start/class token ids) of tokens [B, T <= max_len] and labels."""
+        if tokens.ndim != 2:
+            raise ValueError(
+                f"{type(self).__name__} expects tokens [B, T], got shape {tokens.shape}; "
+                "flatten h*w."
+            )
+        b, t = tokens.shape
+        if t > max_len:
+            raise ValueError(
+                f"sequence of {t} tokens is longer than seq_len={self.seq_len}; build the model "
+                "with seq_len = h * w of the token grid."
+            )
+        _check_dims(self.embed_dim, self.num_heads)
+        return b, t, _start_ids(labels, self.num_classes, b)
+
+    @nn.nowrap
+    def _embed(self, num: int, name: str) -> nn.Embed:
+        return nn.Embed(
+            num,
+            self.embed_dim,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=_INIT,
+            name=name,
+        )
+
+    @nn.nowrap
+    def _trunk(self, cache_len: int) -> _Trunk:
+        return _Trunk(
+            self.vocab_size,
+            self.num_layers,
+            self.num_heads,
+            self.mlp_ratio,
+            self.dropout,
+            cache_len,
+            self.dtype,
+            name="trunk",
+        )
+
+
+class GPT(_TokenPrior):
     """Decoder-only causal transformer prior: tokens [B, T<=L] -> logits [B, T, vocab_size].
 
     ``logits[:, i]`` predicts token ``i`` given the start token (class embedding), the
@@ -262,18 +321,6 @@ class GPT(nn.Module):
     decode call (they are read at position 0 only).
     """
 
-    vocab_size: int
-    seq_len: int
-    num_classes: int = 0
-    num_layers: int = 8
-    num_heads: int = 8
-    embed_dim: int = 512
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    cond_len: int = 0  # image-conditional: number of condition tokens (the prefix)
-    cond_vocab: int = 0  # image-conditional: the condition tokenizer's codebook size
-
     @nn.compact
     def __call__(
         self,
@@ -283,27 +330,14 @@ class GPT(nn.Module):
         decode: bool = False,
         cond: jax.Array | None = None,
     ) -> jax.Array:
-        if tokens.ndim != 2:
-            raise ValueError(f"GPT expects tokens [B, T], got shape {tokens.shape}; flatten h*w.")
-        b, t = tokens.shape
         total = self.cond_len + self.seq_len
-        if t > (total if decode else self.seq_len):
-            raise ValueError(
-                f"sequence of {t} tokens is longer than seq_len={self.seq_len}; build the model "
-                "with seq_len = h * w of the token grid."
-            )
-        _check_dims(self.embed_dim, self.num_heads)
-        cls_ids = _start_ids(labels, self.num_classes, b)
+        b, t, cls_ids = self._check_inputs(tokens, labels, total if decode else self.seq_len)
         if not decode:
             _check_cond(cond, self.cond_len, b)
-        c = self.embed_dim
-        embed = lambda n, name: nn.Embed(
-            n, c, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=_INIT, name=name
-        )
-        tok_embed = embed(self.vocab_size, "tok_embed")
-        class_embed = embed(self.num_classes + 1, "class_embed")
-        cond_embed = embed(self.cond_vocab, "cond_embed") if self.cond_len else None
-        pos_embed = self.param("pos_embed", _INIT, (total, c), jnp.float32)
+        tok_embed = self._embed(self.vocab_size, "tok_embed")
+        class_embed = self._embed(self.num_classes + 1, "class_embed")
+        cond_embed = self._embed(self.cond_vocab, "cond_embed") if self.cond_len else None
+        pos_embed = self.param("pos_embed", _INIT, (total, self.embed_dim), jnp.float32)
 
         if decode:
             initialized = self.has_variable("cache", "index")
@@ -330,16 +364,7 @@ class GPT(nn.Module):
         x = jnp.where((positions == 0)[None, :, None], class_embed(cls_ids)[:, None, :], x)
         pos = jax.lax.dynamic_slice_in_dim(pos_embed, start, length, axis=0)
         x = (x + pos[None].astype(x.dtype)).astype(self.dtype)
-        logits = _Trunk(
-            self.vocab_size,
-            self.num_layers,
-            self.num_heads,
-            self.mlp_ratio,
-            self.dropout,
-            total,
-            self.dtype,
-            name="trunk",
-        )(x, causal=True, train=train, decode=decode, start=start)
+        logits = self._trunk(total)(x, causal=True, train=train, decode=decode, start=start)
         return logits if decode else logits[:, self.cond_len :]
 
 
@@ -357,7 +382,7 @@ def init_cache(model: GPT, batch_size: int) -> dict:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
-class MaskGITTransformer(nn.Module):
+class MaskGITTransformer(_TokenPrior):
     """Bidirectional masked-token transformer: tokens [B, T<=L] in [0, K] -> logits [B, T, K].
 
     Id ``K = vocab_size`` (:attr:`mask_id`) marks masked positions. A class token (ids
@@ -368,18 +393,6 @@ class MaskGITTransformer(nn.Module):
     position table has ``1 + cond_len + L`` rows. Parameter names: tok_embed, class_embed,
     [cond_embed], pos_embed, trunk/{block_i, norm_out, head}.
     """
-
-    vocab_size: int
-    seq_len: int
-    num_classes: int = 0
-    num_layers: int = 8
-    num_heads: int = 8
-    embed_dim: int = 512
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    cond_len: int = 0  # image-conditional: number of condition tokens
-    cond_vocab: int = 0  # image-conditional: the condition tokenizer's codebook size
 
     @property
     def mask_id(self) -> int:
@@ -394,40 +407,18 @@ class MaskGITTransformer(nn.Module):
         train: bool = False,
         cond: jax.Array | None = None,
     ) -> jax.Array:
-        if tokens.ndim != 2:
-            raise ValueError(
-                f"MaskGITTransformer expects tokens [B, T], got shape {tokens.shape}; flatten h*w."
-            )
-        b, t = tokens.shape
-        if t > self.seq_len:
-            raise ValueError(
-                f"sequence of {t} tokens is longer than seq_len={self.seq_len}; build the model "
-                "with seq_len = h * w of the token grid."
-            )
-        _check_dims(self.embed_dim, self.num_heads)
-        cls_ids = _start_ids(labels, self.num_classes, b)
+        b, t, cls_ids = self._check_inputs(tokens, labels, self.seq_len)
         _check_cond(cond, self.cond_len, b)
-        c = self.embed_dim
-        embed = lambda n, name: nn.Embed(
-            n, c, dtype=self.dtype, param_dtype=jnp.float32, embedding_init=_INIT, name=name
-        )
-        x = embed(self.vocab_size + 1, "tok_embed")(tokens.astype(jnp.int32))
-        cls = embed(self.num_classes + 1, "class_embed")(cls_ids)
+        x = self._embed(self.vocab_size + 1, "tok_embed")(tokens.astype(jnp.int32))
+        cls = self._embed(self.num_classes + 1, "class_embed")(cls_ids)
         prefix = [cls[:, None, :]]
         if self.cond_len:
-            prefix.append(embed(self.cond_vocab, "cond_embed")(cond.astype(jnp.int32)))
+            prefix.append(self._embed(self.cond_vocab, "cond_embed")(cond.astype(jnp.int32)))
         n_prefix = 1 + self.cond_len
-        pos_embed = self.param("pos_embed", _INIT, (n_prefix + self.seq_len, c), jnp.float32)
+        pos_embed = self.param(
+            "pos_embed", _INIT, (n_prefix + self.seq_len, self.embed_dim), jnp.float32
+        )
         x = jnp.concatenate([*prefix, x], axis=1)
         x = (x + pos_embed[None, : n_prefix + t].astype(x.dtype)).astype(self.dtype)
-        logits = _Trunk(
-            self.vocab_size,
-            self.num_layers,
-            self.num_heads,
-            self.mlp_ratio,
-            self.dropout,
-            0,
-            self.dtype,
-            name="trunk",
-        )(x, causal=False, train=train)
+        logits = self._trunk(0)(x, causal=False, train=train)
         return logits[:, n_prefix:]

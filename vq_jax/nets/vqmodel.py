@@ -5,20 +5,22 @@ EMAVectorQuantizer, FSQ): it is passed in as a field, so the model is agnostic t
 kind, and its ``embed_dim`` sets the width of the 1x1 projections around it. The projected latent
 is cast to float32 before quantization so nearest-code distances are exact under bf16 compute.
 
-Parameter tree: encoder, quant_conv, quantizer, post_quant_conv, decoder. The decoder's last
-layer lives at ``params['decoder']['conv_out']['kernel']`` (used by the VQGAN adaptive weight).
+Parameter tree: encoder, quant_conv, quantizer, post_quant_conv, decoder. ``last_layer`` gives
+the decoder's last layer (for the VQGAN adaptive weight), so the train step needs no module names.
 
 Every entry point works through ``model.apply(variables, ..., method=...)``: ``__call__``,
 ``encode``, ``decode`` and ``decode_indices``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from vq_jax.nets.autoencoder import Decoder, Dtype, Encoder, conv1x1
+from vq_jax.nets.conv import conv2d
 from vq_jax.nets.quantizers import QuantizerResult
 
 
@@ -66,6 +68,21 @@ class VQModel(nn.Module):
             conv_weight_grad=self.conv_weight_grad,
             attn_levels=self.attn_levels,
         )
+
+    @nn.nowrap
+    def last_layer(
+        self, params: Any, intermediates: Any
+    ) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+        """The decoder's last layer: (its kernel in `params`, kernel -> its output without the
+        bias), the output computed from the layer's input that a train-mode ``apply(...,
+        mutable=['intermediates'])`` sowed into `intermediates`, with the model's conv."""
+        features = intermediates["decoder"]["conv_out_input"][0].astype(jnp.float32)
+        pad = ((1, 1), (1, 1))  # the 3x3 'SAME' conv_out
+
+        def apply(kernel: jax.Array) -> jax.Array:
+            return conv2d(features, kernel, (1, 1), pad, self.conv_weight_grad)
+
+        return params["decoder"]["conv_out"]["kernel"], apply
 
     def _check_images(self, x: jax.Array) -> None:
         if x.ndim != 4:

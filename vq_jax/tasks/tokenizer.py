@@ -34,9 +34,10 @@ def jit_train_step(
     *,
     skip_nonfinite: bool = False,
 ):
-    """The tokenizer train step, jitted and sharded by `jit_step`."""
+    """The tokenizer train step, jitted and sharded by `jit_step`; its `phase` (VQGAN: which
+    adversarial parts run, `steps.phase_at`) is static."""
     step_fn = steps_lib.make_tokenizer_step(comps, settings, skip_nonfinite=skip_nonfinite)
-    return jit_step(step_fn, mesh, abstract_state)
+    return jit_step(step_fn, mesh, abstract_state, phased=True)
 
 
 def loss_settings(config: mlc.ConfigDict) -> steps_lib.LossSettings:
@@ -278,4 +279,8 @@ def make_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> 
         warm_start = functools.partial(
             finetune.warm_start, comps=comps, source=source, sharding=repl
         )
-    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start, preview)
+    # the adversarial phase of each step (VQGAN only): a static argument, one executable each
+    phase = (
+        None if comps.disc is None else functools.partial(steps_lib.phase_at, loss_settings(config))
+    )
+    return Task(init_fn, make_step, make_train_iter, evaluate, warm_start, preview, phase)
