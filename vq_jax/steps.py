@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from vq_jax import losses, metrics, prior_losses, priors
-from vq_jax.nets.conv import conv2d
+from vq_jax.nets import kernels
 from vq_jax.state import Components, PriorComponents, State, rng_stream
 
 # Backends whose compiler runs convolutions inside conditional branches far slower than outside:
@@ -57,11 +57,9 @@ class LossSettings:
     ema_decay: float = 0.0
 
 
-def last_layer_grad(
-    features: jax.Array, kernel: jax.Array, grad_out: jax.Array, weight_grad: str = "auto"
-) -> jax.Array:
+def last_layer_grad(features: jax.Array, kernel: jax.Array, grad_out: jax.Array) -> jax.Array:
     """d(loss)/d(kernel) of the decoder's final 3x3 'SAME' conv, from d(loss)/d(output),
-    computed the way the model computes its convs (`weight_grad`, see nets.conv.conv2d).
+    computed the way the model computes its convs (the installed kernel, nets.kernels).
 
     The final layer is out = conv(features, kernel) + bias, so the gradient of any loss term with
     respect to `kernel` depends only on that layer's input and the term's gradient with respect to
@@ -70,7 +68,9 @@ def last_layer_grad(
     """
     pad = ((1, 1), (1, 1))  # 'SAME' for the 3x3 conv
     _, vjp = jax.vjp(
-        lambda k: conv2d(features.astype(jnp.float32), k, (1, 1), pad, weight_grad),
+        lambda k: kernels.conv_general_dilated(
+            features.astype(jnp.float32), k, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
         kernel.astype(jnp.float32),
     )
     return vjp(grad_out.astype(jnp.float32))[0]
@@ -165,10 +165,9 @@ def make_tokenizer_updates(comps: Components, s: LossSettings) -> TokenizerUpdat
             if s.adaptive_weight:
                 # Gradients of the two terms w.r.t. the decoder's last-layer kernel, via d/d(recon).
                 adv_grad_img = jax.grad(g_adv_fn)(jax.lax.stop_gradient(recon))
-                mode = getattr(comps.model, "conv_weight_grad", "auto")
                 lam = losses.adaptive_weight(
-                    last_layer_grad(features, kernel, rec_grad_img, mode),
-                    last_layer_grad(features, kernel, adv_grad_img, mode),
+                    last_layer_grad(features, kernel, rec_grad_img),
+                    last_layer_grad(features, kernel, adv_grad_img),
                     disc_weight=s.disc_weight,
                 )
             else:

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import api, checkpoints, data, distributed, finetune, metrics, xla_options
+from vq_jax import api, checkpoints, cpu, data, distributed, finetune, metrics
 from vq_jax import fid as fid_lib
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
+from vq_jax.cpu import xla_options
 from vq_jax.errors import UserError
 from vq_jax.state import State
 from vq_jax.validate import check as check_config
@@ -44,7 +45,9 @@ class NonFiniteError(UserError, FloatingPointError):
 # Config sections that fix the shapes of the train state; a workdir written with other values
 # cannot be resumed without `train.allow_config_change`.
 STATE_DEFINING = ("model", "quantizer", "discriminator", "input.resolution", "input.channels")
-# Entries inside those sections that choose how the same state is computed, not its shapes.
+# Entries inside those sections that choose how the same state is computed, not its shapes:
+# model.conv_weight_grad was one (how convs were computed) until the CPU kernels became a
+# runtime setting (train.cpu_kernels); workdirs written before still carry it.
 COMPUTE_ONLY = ("model.conv_weight_grad",)
 # Entries added after workdirs were first written, with the value that means "as before": a
 # saved config without the key equals a current one holding this value.
@@ -937,6 +940,7 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     mesh = make_mesh()
     make_task = prior_task if "prior" in config else tokenizer_task
     check_config(config)  # every out-of-range field at once, before data and compilation
+    cpu.enable(config.train.get("cpu_kernels", "auto"))  # builds here if needed, before tracing
     lock = WorkdirLock(workdir, jax.process_index())
     lock.acquire()  # one run per workdir, before anything reads or writes its checkpoints
     try:

@@ -35,7 +35,6 @@ class VQModel(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
     attn_levels: Sequence[int] = ()  # non-empty: attention by level (see nets/autoencoder.py)
 
     def setup(self) -> None:
@@ -49,11 +48,10 @@ class VQModel(nn.Module):
             dropout=self.dropout,
             num_groups=self.num_groups,
             dtype=self.dtype,
-            conv_weight_grad=self.conv_weight_grad,
             attn_levels=self.attn_levels,
         )
-        self.quant_conv = conv1x1(embed_dim, self.dtype, None, self.conv_weight_grad)
-        self.post_quant_conv = conv1x1(self.z_channels, self.dtype, None, self.conv_weight_grad)
+        self.quant_conv = conv1x1(embed_dim, self.dtype, None)
+        self.post_quant_conv = conv1x1(self.z_channels, self.dtype, None)
         self.decoder = Decoder(
             ch=self.ch,
             out_channels=self.in_channels,
@@ -63,7 +61,6 @@ class VQModel(nn.Module):
             dropout=self.dropout,
             num_groups=self.num_groups,
             dtype=self.dtype,
-            conv_weight_grad=self.conv_weight_grad,
             attn_levels=self.attn_levels,
         )
 
