@@ -13,8 +13,10 @@ The networks compute with XLA's ops unless ``enable`` installs others into
 
 Building happens here and only here (g++, seconds, once per machine: the library is cached),
 never while tracing, in ``model.init`` or in ``Tokenizer.encode``. The trainer calls
-``enable(config.train.cpu_kernels)`` before it traces anything; ``vq_jax.load`` leaves the
-setting as it is, so a library user opts in with ``vq_jax.cpu.enable()``. The setting never
+``enable(config.train.cpu_kernels)`` before it traces anything, sample.py and
+``vq_jax.evaluate`` call ``enable("auto")``; ``vq_jax.load`` leaves the setting as it is (no
+build, no output when loading a tokenizer), so a library user opts in with
+``vq_jax.cpu.enable()``. The setting never
 changes parameters or shapes: only the order of the float additions. ``xla_options`` holds the
 XLA compiler options the programs compile with.
 """
