@@ -56,7 +56,9 @@ def _min_time(fn, *args, repeats: int) -> float:
 def _conv2d(x, w, strides, pad, mode):
     if mode == "onednn":
         return onednn_conv.conv2d(x, w, strides, pad)
-    return jax.lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=onednn_conv._DN)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, pad, dimension_numbers=onednn_conv.DIMENSION_NUMBERS
+    )
 
 
 def conv_rows(repeats: int) -> list[dict]:

@@ -27,7 +27,9 @@ def conv2d(x, w, strides, padding, mode):
     """The conv as the CPU kernel `mode` computes it: "onednn" (vq_jax.cpu.conv) or "xla"."""
     if mode == "onednn":
         return conv.conv2d(x, w, strides, padding)
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=conv._DN)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=conv.DIMENSION_NUMBERS
+    )
 
 
 def _inputs(case, size, dtype=jnp.float32):

@@ -19,11 +19,13 @@ import jax
 from vq_jax.cpu import native
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
-_DN = ("NHWC", "HWIO", "NHWC")
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")  # the layouts oneDNN serves: x, kernel, y
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding):
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=DIMENSION_NUMBERS
+    )
 
 
 # oneDNN's three passes, each a custom_vjp whose VJP is made of the other two (all three are
@@ -112,7 +114,7 @@ def _nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     if dimension_numbers is None or lhs.ndim != 4 or rhs.ndim != 4:
         return False
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    return dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
+    return dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)
 
 
 def _ones(v: Sequence[int] | None) -> bool:
@@ -180,4 +182,4 @@ def conv2d(
     padding: Padding = ((0, 0), (0, 0)),
 ) -> jax.Array:
     """NHWC x HWIO conv with explicit padding, forward and both gradients by oneDNN."""
-    return conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
+    return conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSION_NUMBERS)
