@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import vq_jax
-from vq_jax import api, data, errors, metrics
+from vq_jax import api, cpu, data, errors, metrics
 
 MODES = ("reconstruct", "encode", "decode", "generate", "inpaint", "upsample")
 PRIOR_MODES = ("generate", "inpaint", "upsample")
@@ -74,6 +74,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; -v 0 brings it back
+    cpu.enable("auto")  # the native CPU kernels where they help (builds once, one line)
     mode = _MODE.value
     if mode in PRIOR_MODES:
         if not _PRIOR.value:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from vq_jax import loop
+from vq_jax import cpu, loop
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
 from vq_jax.tasks import tokenizer as tokenizer_task
@@ -37,7 +37,9 @@ def adversarial_on(config: mlc.ConfigDict) -> mlc.ConfigDict:
 
 def setup_step(config: mlc.ConfigDict) -> StepSetup:
     """The train step of `config` as the trainer jits it, its initial state and a synthetic
-    batch (uniform images in [-1, 1], label 0) of the config's global shape."""
+    batch (uniform images in [-1, 1], label 0) of the config's global shape; with the CPU
+    kernels of `train.cpu_kernels` installed, as the trainer does."""
+    cpu.enable(config.train.get("cpu_kernels", "auto"))
     comps = state_lib.build(config)
     mesh = loop.make_mesh()
     key = jax.random.key(config.seed)

@@ -1,6 +1,7 @@
 """Per-layer throughput behind the step's speed work (BENCHMARKS.md, "attempts"): XLA's conv
-gradients against nets/conv.py's patch GEMMs and oneDNN's (vq_jax.native), and flax's GroupNorm
-+ swish against nets/group_norm.py's (jnp and native kernel), at the VQ-VAE's shapes (batch 64).
+gradients against oneDNN's (vq_jax.cpu.conv), and flax's GroupNorm + swish against
+nets/group_norm.py's (jnp and native kernel, vq_jax.cpu.group_norm), at the VQ-VAE's shapes
+(batch 64). The "patches" rows of older reports came from a mode since removed.
 
   JAX_PLATFORMS=cpu python -m benchmarks.layers                   # as the trainer compiles
   JAX_PLATFORMS=cpu python -m benchmarks.layers --noxla_options   # XLA:CPU's defaults (YNNPACK)
@@ -16,8 +17,10 @@ from absl import app, flags
 from flax import linen as nn
 
 from benchmarks import common
-from vq_jax import native, xla_options
-from vq_jax.nets import conv
+from vq_jax import cpu
+from vq_jax.cpu import conv as onednn_conv
+from vq_jax.cpu import native, xla_options
+from vq_jax.nets import kernels
 from vq_jax.nets.group_norm import GroupNorm
 
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement (minimum taken).")
@@ -50,29 +53,37 @@ def _min_time(fn, *args, repeats: int) -> float:
     return min(common.time_calls(fn, *args, repeats=repeats))
 
 
+def _conv2d(x, w, strides, pad, mode):
+    if mode == "onednn":
+        return onednn_conv.conv2d(x, w, strides, pad)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, pad, dimension_numbers=onednn_conv.DIMENSION_NUMBERS
+    )
+
+
 def conv_rows(repeats: int) -> list[dict]:
     rows = []
     for name, hw, cin, cout, k, s, pad in CONVS:
         x = jax.random.normal(jax.random.key(0), (64, hw, hw, cin))
         w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
-        y = conv.conv2d(x, w, (s, s), pad, "xla")
+        y = _conv2d(x, w, (s, s), pad, "xla")
         dy = jax.random.normal(jax.random.key(2), y.shape)
         gflop = 2 * y.size * k * k * cin / 1e9
 
         def grads(mode, argnum, s=s, pad=pad, dy=dy):
             def f(inputs, kernel):
-                return jnp.vdot(conv.conv2d(inputs, kernel, (s, s), pad, mode), dy)
+                return jnp.vdot(_conv2d(inputs, kernel, (s, s), pad, mode), dy)
 
             return _jit(jax.grad(f, argnums=argnum))
 
         row = {"layer": name, "gflop": round(gflop, 3)}
-        forward = _jit(conv.conv2d, static_argnums=(2, 3, 4))
+        forward = _jit(_conv2d, static_argnums=(2, 3, 4))
         row["forward"] = gflop / _min_time(forward, x, w, (s, s), pad, "xla", repeats=repeats)
-        for mode in ("xla", "patches"):
+        for mode in ("xla",):
             row[f"input_grad_{mode}"] = gflop / _min_time(grads(mode, 0), x, w, repeats=repeats)
             row[f"kernel_grad_{mode}"] = gflop / _min_time(grads(mode, 1), x, w, repeats=repeats)
         # oneDNN's forward, and both gradients (its custom calls cannot be told apart in a trace)
-        modes = ("xla", "onednn") if native.available() else ("xla",)
+        modes = ("xla", "onednn") if native.load() is None else ("xla",)
         if "onednn" in modes:
             row["forward_onednn"] = gflop / _min_time(
                 forward, x, w, (s, s), pad, "onednn", repeats=repeats
@@ -94,17 +105,26 @@ def group_norm_rows(repeats: int) -> list[dict]:
             ("flax", nn.GroupNorm(32, epsilon=1e-6), nn.swish),
             ("vq_jax", GroupNorm(32, swish=True), None),
         ]
-        if native.available():
-            mods.append(("native", GroupNorm(32, swish=True, impl="native"), None))
+        if native.load() is None:
+            mods.append(("native", GroupNorm(32, swish=True), None))
         for label, mod, act in mods:
-            p = mod.init(jax.random.key(1), x)
-            apply = (lambda p, x, m=mod, a=act: a(m.apply(p, x))) if act else mod.apply
-            fwd = _jit(apply)
-            bwd = _jit(jax.grad(lambda p, x, f=apply: jnp.sum(f(p, x)), argnums=(0, 1)))
-            row[f"{label}_forward_ms"] = round(1e3 * _min_time(fwd, p, x, repeats=repeats), 2)
-            row[f"{label}_fwd_bwd_ms"] = round(1e3 * _min_time(bwd, p, x, repeats=repeats), 2)
+            setting = cpu.onednn_kernels() if label == "native" else kernels.XLA
+            with kernels.installed(setting):
+                row.update(_norm_times(label, mod, act, x, repeats))
         rows.append(row)
     return rows
+
+
+def _norm_times(label, mod, act, x, repeats: int) -> dict:
+    """Forward and forward + backward milliseconds of one GroupNorm (+ swish) module."""
+    p = mod.init(jax.random.key(1), x)
+    apply = (lambda p, x, m=mod, a=act: a(m.apply(p, x))) if act else mod.apply
+    fwd = _jit(apply)
+    bwd = _jit(jax.grad(lambda p, x, f=apply: jnp.sum(f(p, x)), argnums=(0, 1)))
+    return {
+        f"{label}_forward_ms": round(1e3 * _min_time(fwd, p, x, repeats=repeats), 2),
+        f"{label}_fwd_bwd_ms": round(1e3 * _min_time(bwd, p, x, repeats=repeats), 2),
+    }
 
 
 def main(argv):

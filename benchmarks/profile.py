@@ -3,7 +3,7 @@ and per kind (conv forward / input gradient / kernel gradient, other library cal
 
   JAX_PLATFORMS=cpu python -m benchmarks.profile --config=configs/vqvae.py:taming_cpu
   JAX_PLATFORMS=cpu python -m benchmarks.profile --config=configs/vqgan.py:fashion_mnist \\
-      --config.model.conv_weight_grad=xla
+      --config.train.cpu_kernels=xla
 
 Times are thread time per step on the XLA:CPU worker threads (ops on different threads overlap,
 so the total can exceed the step's wall time). Kinds come from the ops' JAX source names.

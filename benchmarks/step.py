@@ -20,7 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import common
-from vq_jax import native, xla_options
+from vq_jax.cpu import native, xla_options
+from vq_jax.nets import kernels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
@@ -44,20 +45,16 @@ def flops_of(compiled) -> float:
 
 
 def model_flops(config, state, batch, key) -> float:
-    """FLOPs of the step by XLA's cost analysis, with XLA's own conv kernel gradients.
-
-    XLA's cost analysis does not multiply the body of a loop by its trip count, so the chunked
-    kernel-gradient loops of conv_weight_grad="patches" would be under-counted; the math, and
-    so the model FLOPs, are the same with "xla".
-    """
+    """FLOPs of the step by XLA's cost analysis, with XLA's own kernels (XLA counts no FLOPs in
+    custom calls; the math, and so the model FLOPs, are the same)."""
     config = copy.deepcopy(config)
-    config.model.conv_weight_grad = "xla"
+    config.train.cpu_kernels = "xla"
     return flops_of(common.setup_step(config).step.lower(state, batch, key).compile())
 
 
 def native_kernels() -> dict:
     """Whether this process can use the native CPU kernels, and oneDNN's ISA here."""
-    if not native.available():
+    if native.load() is not None:
         return {"native_kernels": False}
     return {"native_kernels": True, "onednn_isa": native.cpu_isa()}
 
@@ -67,6 +64,7 @@ def bench(config, num_steps: int) -> dict:
     bs, r, _, c = batch["image"].shape
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
+    cpu_kernels = kernels.current().name
     compile_s = time.perf_counter() - t0
     flops = model_flops(config, state, batch, key)
     donated = [state]  # the step donates its state: each call feeds the previous call's output
@@ -84,7 +82,7 @@ def bench(config, num_steps: int) -> dict:
         "image_shape": [r, r, c],
         "discriminator": comps.disc is not None,
         "dtype": config.model.dtype,
-        "conv_weight_grad": config.model.get("conv_weight_grad", "auto"),
+        "cpu_kernels": f"{config.train.get('cpu_kernels', 'auto')} -> {cpu_kernels}",
         "compiler_options": xla_options.compiler_options(),
         **native_kernels(),
         "compile_s": round(compile_s, 2),

@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             allow_config_change=False,
             reset_data_iterator=False,  # resume with the data stream from its beginning
             skip_nonfinite_steps=False,
+            cpu_kernels="auto",  # the tokenizer's convs when caching tokens (configs/vqvae.py)
         )
     )
 

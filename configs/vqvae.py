@@ -82,11 +82,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             dropout=0.0,
             num_groups=32,
             dtype="bfloat16",  # compute dtype; parameters stay float32
-            # how convs (and the autoencoder's GroupNorm+swish) compute: "auto" (oneDNN + the
-            # native GroupNorm kernel on a single CPU device when the onednn extra is installed,
-            # else XLA's), "xla", "onednn", or "patches" (XLA forward, im2col GEMM kernel
-            # gradients); same math, see vq_jax/nets/conv.py, vq_jax/native.py, BENCHMARKS.md
-            conv_weight_grad="auto",
         )
     )
 
@@ -129,6 +124,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
             # fresh. Unlike resume, only the generator is taken. Ignored once W has a checkpoint.
             init_from="",
             skip_nonfinite_steps=False,  # skip (and count) NaN/Inf steps instead of stopping
+            # how convs and GroupNorm compute (not what): "auto" (oneDNN convs + the native
+            # GroupNorm kernel on a single CPU device when the onednn extra builds, else XLA's),
+            # "onednn" or "xla"; same math, see vq_jax/cpu/__init__.py, BENCHMARKS.md
+            cpu_kernels="auto",
         )
     )
 

@@ -1,7 +1,8 @@
 """Build (or find in the cache) vq-jax's native CPU kernels and print the library's path.
 
-They are otherwise built on first use; prebuild them where first use should not wait, e.g. in a
-Docker image or CI. Needs the onednn extra and g++ (pip install -e '.[onednn]'):
+`vq_jax.cpu.enable` (the trainer calls it at its start) otherwise builds them; prebuild them
+where that should not wait, e.g. in a Docker image or CI. Needs the onednn extra and g++
+(pip install -e '.[onednn]'):
 
     python scripts/build_native.py
 """
@@ -9,7 +10,7 @@ Docker image or CI. Needs the onednn extra and g++ (pip install -e '.[onednn]'):
 import logging
 import sys
 
-from vq_jax import native
+from vq_jax.cpu import native
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")

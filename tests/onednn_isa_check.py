@@ -22,7 +22,7 @@ from configs import vqgan
 def measurements(dtype: str, mode: str) -> tuple[dict[str, float], dict[str, bool]]:
     config = common.adversarial_on(vqgan.get_config("tiny"))
     config.model.dtype = dtype
-    config.model.conv_weight_grad = mode
+    config.train.cpu_kernels = mode
     setup = common.setup_step(config)
     lowered = setup.step.lower(setup.state, setup.batch, setup.key)
     calls = [line for line in lowered.as_text().splitlines() if "vq_jax_onednn_conv" in line]

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from vq_jax import native
+from vq_jax import cpu
+from vq_jax.cpu import native
+from vq_jax.nets import kernels
 from vq_jax.nets.group_norm import GroupNorm
 
 
@@ -78,9 +80,8 @@ def test_native_matches_numpy_formula(groups, c, swish):
     x = rng.normal(size=(3, 5, 4, c)) * 2 + 0.7
     p = _params(c)
     p["params"]["scale"] = p["params"]["scale"] * 15
-    got = jax.jit(GroupNorm(groups, 1e-6, swish=swish, impl="native").apply)(
-        p, jnp.asarray(x, jnp.float32)
-    )
+    with kernels.installed(cpu.onednn_kernels()):
+        got = jax.jit(GroupNorm(groups, 1e-6, swish=swish).apply)(p, jnp.asarray(x, jnp.float32))
     xg = x.reshape(3, 5, 4, groups, c // groups)
     y = (xg - xg.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(
         xg.var(axis=(1, 2, 4), keepdims=True) + 1e-6
@@ -100,21 +101,50 @@ def test_native_gradients_match_the_xla_formulation(swish):
     p = _params(32)
     dy = jax.random.normal(jax.random.key(1), x.shape)
 
-    def grads(impl):
-        m = GroupNorm(8, 1e-6, swish=swish, impl=impl)
-        return jax.jit(jax.grad(lambda p, x: jnp.vdot(m.apply(p, x), dy), argnums=(0, 1)))(p, x)
+    def grads(setting):
+        m = GroupNorm(8, 1e-6, swish=swish)
+        with kernels.installed(setting):
+            f = jax.grad(lambda p, x: jnp.vdot(m.apply(p, x), dy), argnums=(0, 1))
+            return jax.jit(f)(p, x)
 
-    chex.assert_trees_all_close(grads("native"), grads("xla"), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+        grads(cpu.onednn_kernels()), grads(kernels.XLA), rtol=1e-5, atol=1e-5
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("swish", [False, True])
+def test_native_second_order_gradients_match_the_xla_formulation(swish):
+    """Differentiated twice (the discriminator's R1 penalty: the gradient of a squared input
+    gradient), the native kernel gives XLA's result; it has no custom call in the second pass."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4, 16)) * 2 - 0.5
+    p = _params(16)
+    m = GroupNorm(4, 1e-5, swish=swish)
+
+    def r1(p, x):
+        gx = jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(p, x))))(x)
+        return jnp.sum(jnp.square(gx))
+
+    def grads(setting):
+        with kernels.installed(setting):
+            return jax.jit(jax.grad(r1, argnums=(0, 1)))(p, x)
+
+    with kernels.installed(cpu.onednn_kernels()):
+        assert "vq_jax_group_norm_forward" in str(jax.make_jaxpr(r1)(p, x))
+    chex.assert_trees_all_close(
+        grads(cpu.onednn_kernels()), grads(kernels.XLA), rtol=1e-4, atol=1e-4
+    )
 
 
 @needs_native
 def test_native_only_for_float32():
     """bf16 compute falls back to the jnp formulation (the kernel is float32)."""
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).astype(jnp.bfloat16)
-    m = GroupNorm(4, dtype=jnp.bfloat16, swish=True, impl="native")
+    m = GroupNorm(4, dtype=jnp.bfloat16, swish=True)
     p = _params(8)
-    assert "vq_jax_group_norm" not in str(jax.make_jaxpr(m.apply)(p, x))
-    f32 = GroupNorm(4, swish=True, impl="native")
-    assert "vq_jax_group_norm" in str(jax.make_jaxpr(f32.apply)(p, x.astype(jnp.float32)))
-    with pytest.raises(ValueError, match="impl must be one of"):
-        GroupNorm(4, impl="fast").init(jax.random.key(0), x)
+    with kernels.installed(cpu.onednn_kernels()):
+        assert "vq_jax_group_norm" not in str(jax.make_jaxpr(m.apply)(p, x))
+        f32 = GroupNorm(4, swish=True)
+        assert "vq_jax_group_norm" in str(jax.make_jaxpr(f32.apply)(p, x.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="not a CPU kernel mode"):
+        cpu.enable("fast")

@@ -460,7 +460,7 @@ def test_native_build_says_what_it_does(tmp_path, monkeypatch, capsys):
     import subprocess as sp
     from pathlib import Path
 
-    from vq_jax import native
+    from vq_jax.cpu import native
 
     out = tmp_path / "cache" / "libvq_jax_native_test.so"
     calls = []

@@ -1,4 +1,4 @@
-"""vq_jax.onednn and conv2d's "onednn" mode: oneDNN's forward pass and both gradients equal their
+"""vq_jax.cpu.conv (the "onednn" CPU kernels): oneDNN's forward pass and both gradients equal their
 numpy definitions (tests/conv_reference.py) in float32 and bfloat16, inside jit, under a sharded
 train step, and the library says what to install when it cannot be built."""
 
@@ -14,12 +14,22 @@ import numpy as np
 import pytest
 from subproc import ROOT, run_script, script_env, train_args
 
-from vq_jax import loop, native
-from vq_jax.nets import conv
+from vq_jax import cpu, loop
+from vq_jax.cpu import conv, native
+from vq_jax.nets import kernels
 
 needs_onednn = pytest.mark.skipif(
     not native.available(), reason="oneDNN extra not installed (pip install '.[onednn]')"
 )
+
+
+def conv2d(x, w, strides, padding, mode):
+    """The conv as the CPU kernel `mode` computes it: "onednn" (vq_jax.cpu.conv) or "xla"."""
+    if mode == "onednn":
+        return conv.conv2d(x, w, strides, padding)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=conv.DIMENSION_NUMBERS
+    )
 
 
 def _inputs(case, size, dtype=jnp.float32):
@@ -40,7 +50,7 @@ def test_forward_and_gradients_match_definitions(case, size):
 
     @jax.jit
     def forward_and_vjp(x, w, dy):
-        y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, strides, padding, "onednn"), x, w)
+        y, vjp = jax.vjp(lambda x, w: conv2d(x, w, strides, padding, "onednn"), x, w)
         return y, *vjp(dy)
 
     y, dx, dw = forward_and_vjp(x, w, dy)
@@ -60,7 +70,7 @@ def _r1_penalty_grads(mode, x, w, strides, padding):
     conv's forward pass, its input gradient, and the VJPs of both."""
 
     def f(x, w):
-        gx = jax.grad(lambda x: jnp.sum(jnp.sin(conv.conv2d(x, w, strides, padding, mode))))
+        gx = jax.grad(lambda x: jnp.sum(jnp.sin(conv2d(x, w, strides, padding, mode))))
         return jnp.sum(jnp.square(gx(x)))
 
     return jax.jit(jax.grad(f, (0, 1)))(x, w)
@@ -106,9 +116,9 @@ def test_bfloat16_accumulates_in_float32():
     kernel_hw, strides, padding = case[:3]
     x, w, dy = _inputs(case, 16, jnp.bfloat16)
     has_kernels = native.conv_unsupported("bfloat16", x.shape, w.shape, strides, padding) is None
-    jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, strides, padding, "onednn"))(x, w))
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, strides, padding, "onednn"))(x, w))
     assert ("vq_jax_onednn_conv_forward" in jaxpr) == has_kernels
-    y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, strides, padding, "onednn"), x, w)
+    y, vjp = jax.vjp(lambda x, w: conv2d(x, w, strides, padding, "onednn"), x, w)
     dx, dw = vjp(dy)
     assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
     xn, wn, dyn = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, w, dy))
@@ -133,7 +143,7 @@ def test_unsupported_case_falls_back_to_xla_with_one_warning(monkeypatch, caplog
     strides, padding = ref_conv.CASES[0][1:3]
     with caplog.at_level("WARNING"):
         for _ in range(2):
-            fn = lambda x, w: jnp.vdot(conv.conv2d(x, w, strides, padding, "onednn"), dy)
+            fn = lambda x, w: jnp.vdot(conv2d(x, w, strides, padding, "onednn"), dy)
             jaxpr = str(jax.make_jaxpr(jax.grad(fn, (0, 1)))(x, w))
     assert "vq_jax_onednn" not in jaxpr and "conv_general_dilated" in jaxpr
     lines = [r.getMessage() for r in caplog.records if "oneDNN has no" in r.getMessage()]
@@ -202,27 +212,47 @@ def test_sharded_program_gives_the_unsharded_result():
     x, w, dy = _inputs(case, 8)
     x = jax.device_put(x, jax.NamedSharding(loop.make_mesh(), jax.P(loop.DATA_AXIS)))
     grads = jax.jit(
-        jax.grad(
-            lambda x, w: jnp.vdot(conv.conv2d(x, w, strides, padding, "onednn"), dy), (0, 1)
-        )
+        jax.grad(lambda x, w: jnp.vdot(conv2d(x, w, strides, padding, "onednn"), dy), (0, 1))
     )(x, w)
-    want = jax.grad(lambda x, w: jnp.vdot(conv.conv2d(x, w, strides, padding, "xla"), dy), (0, 1))
+    want = jax.grad(lambda x, w: jnp.vdot(conv2d(x, w, strides, padding, "xla"), dy), (0, 1))
     chex.assert_trees_all_close(grads, want(x, w), rtol=1e-5, atol=1e-4)
 
 
+@pytest.fixture
+def setting():
+    """Each test's CPU kernel setting is its own: back to XLA's kernels afterwards."""
+    yield
+    kernels.install(kernels.XLA)
+
+
+def _one_device(monkeypatch):
+    devices = jax.devices()
+    monkeypatch.setattr(jax, "devices", lambda *a: devices[:1])
+
+
+def _model_jaxpr() -> str:
+    """The traced forward and backward pass of a tiny conv + GroupNorm network."""
+    from vq_jax.nets.autoencoder import ResnetBlock
+
+    x = jnp.ones((2, 8, 8, 8))
+    block = ResnetBlock(16, num_groups=4)
+    params = block.init(jax.random.key(0), x)
+    return str(jax.make_jaxpr(jax.grad(lambda p: block.apply(p, x).sum()))(params))
+
+
 @needs_onednn
-def test_auto_picks_onednn_only_for_a_single_cpu_device(monkeypatch):
+def test_auto_picks_onednn_only_for_a_single_cpu_device(monkeypatch, setting):
     assert jax.device_count() > 1  # tests fake 4 devices: a custom call would gather the batch
-    assert conv.resolve("auto") == "xla"
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-    assert conv.resolve("auto") == "onednn"
-    x, w, _ = _inputs(ref_conv.CASES[0], 8)
-    jaxpr = str(jax.make_jaxpr(lambda w: conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1))))(w))
-    assert "vq_jax_onednn_conv_forward" in jaxpr
+    assert cpu.enable("auto") == "xla"
+    assert "vq_jax_onednn" not in _model_jaxpr()
+    _one_device(monkeypatch)
+    assert cpu.enable("auto") == "onednn"
+    jaxpr = _model_jaxpr()
+    assert "vq_jax_onednn_conv_forward" in jaxpr and "vq_jax_group_norm_forward" in jaxpr
 
 
 @pytest.fixture
-def no_onednn(monkeypatch):
+def no_onednn(monkeypatch, setting):
     """onednn as on a machine without the extra (the load result is cached: reset it around)."""
     monkeypatch.setattr(native, "onednn_root", lambda: None)
     native._library.cache_clear()
@@ -231,24 +261,75 @@ def no_onednn(monkeypatch):
     native._library.cache_clear()
 
 
-def test_missing_onednn_names_the_fix_and_auto_falls_back(no_onednn):
-    assert conv.resolve("auto") == "xla"
-    x, w, _ = _inputs(ref_conv.CASES[0], 8)
+def test_missing_onednn_names_the_fix_and_auto_falls_back(no_onednn, monkeypatch):
+    """ "auto" on one CPU device without the extra: a visible warning naming the fix, then
+    XLA's kernels; "onednn" asked for explicitly is an error naming the fix."""
+    _one_device(monkeypatch)
+    with pytest.warns(cpu.NativeKernelWarning, match=r"pip install 'vq-jax\[onednn\]'"):
+        assert cpu.enable("auto") == "xla"
+    assert kernels.current() == kernels.XLA
     with pytest.raises(native.NativeUnavailable, match=r"pip install 'vq-jax\[onednn\]'"):
-        conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), "onednn")
+        cpu.enable("onednn")
 
 
-def test_environment_switch_turns_the_kernels_off(monkeypatch):
+def test_failed_build_warns_and_falls_back(monkeypatch, setting, tmp_path):
+    """A compiler that fails during enable("auto"): a warning quoting it, XLA's kernels."""
+    monkeypatch.setenv("VQ_JAX_CACHE_DIR", str(tmp_path))
+    script = tmp_path / "broken-cxx"
+    script.write_text("#!/bin/sh\necho 'fatal: no oneDNN today' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CXX", str(script))
+    monkeypatch.setattr(native, "onednn_root", lambda: tmp_path)  # any root: the build fails
+    monkeypatch.setattr(native, "library_path", lambda root: tmp_path / "lib.so")
+    _one_device(monkeypatch)
+    native._library.cache_clear()
+    try:
+        with pytest.warns(cpu.NativeKernelWarning, match="building the native kernels failed"):
+            assert cpu.enable("auto") == "xla"
+        assert "vq_jax_onednn" not in _model_jaxpr()
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+
+
+def test_tracing_and_init_never_build(monkeypatch, setting):
+    """Under XLA's kernels (the default, or enable("xla")) no model trace, init or encode
+    builds or loads the native library."""
+
+    def no_build(*a, **k):
+        raise AssertionError("the native library was built while tracing")
+
+    monkeypatch.setattr(native, "build", no_build)
+    native._library.cache_clear()
+    try:
+        kernels.install(kernels.XLA)
+        assert "vq_jax_onednn" not in _model_jaxpr()
+        assert cpu.enable("xla") == "xla"
+        from configs import vqvae
+        from vq_jax import state as state_lib
+
+        config = vqvae.get_config("tiny")
+        comps = state_lib.build(config)
+        r, c = config.input.resolution, config.input.channels
+        x = jnp.zeros((1, r, r, c))
+        variables = comps.model.init(jax.random.key(0), x)
+        comps.model.apply(variables, x, method=comps.model.encode)
+        assert native._library.cache_info().currsize == 0
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+
+
+def test_environment_switch_turns_the_kernels_off(monkeypatch, setting):
     """VQ_JAX_NATIVE=off: "auto" means XLA's ops even on one CPU device, and asking for oneDNN
     names the switch."""
     monkeypatch.setenv(native.ENV_SWITCH, "off")
-    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    _one_device(monkeypatch)
     native._library.cache_clear()
     try:
-        assert not native.available() and conv.resolve("auto") == "xla"
-        x, w, _ = _inputs(ref_conv.CASES[0], 8)
+        assert not native.available() and cpu.enable("auto") == "xla"
         with pytest.raises(native.NativeUnavailable, match="VQ_JAX_NATIVE=off"):
-            conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), "onednn")
+            cpu.enable("onednn")
     finally:
         monkeypatch.undo()
         native._library.cache_clear()

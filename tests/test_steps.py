@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from configs import vqgan, vqvae
-from vq_jax import native
+from vq_jax import cpu
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
+from vq_jax.cpu import native
 from vq_jax.tasks import tokenizer as tokenizer_task
 
 BATCH = 8
@@ -71,15 +72,18 @@ def test_sharded_step_matches_single_device(cfg):
 
 @pytest.mark.skipif(not native.available(), reason="native kernels not built")
 def test_native_kernels_step_matches_xla():
-    """3 VQGAN steps with oneDNN convs and the GroupNorm kernel (conv_weight_grad="onednn") ==
+    """3 VQGAN steps with oneDNN convs and the GroupNorm kernel (cpu.enable("onednn")) ==
     3 steps with XLA's (same float sums in another order; Adam eps as above)."""
     config = vqgan.get_config("tiny")
     config.optimizer.generator.eps = config.optimizer.discriminator.eps = 1e-3
     config.loss.disc_start = config.loss.disc_train_start = 0  # the full G + D step
     runs = {}
-    for mode in ("xla", "onednn"):
-        config.model.conv_weight_grad = mode
-        runs[mode] = _run(config, jax.devices()[:1])
+    try:
+        for mode in ("xla", "onednn"):
+            assert cpu.enable(mode) == mode
+            runs[mode] = _run(config, jax.devices()[:1])
+    finally:
+        cpu.enable("xla")
     chex.assert_trees_all_close(runs["onednn"], runs["xla"], atol=1e-5, rtol=1e-5)
 
 

@@ -136,14 +136,14 @@ def test_checkpoint_round_trip_is_identical(tmp_path):
 
 
 def test_config_differences_ignore_compute_only_entries():
-    """A resumed workdir may switch the conv gradient implementation (same state shapes), or
-    come from a version without that key; a real shape change is still reported."""
+    """A workdir saved with the removed model.conv_weight_grad (how convs were computed: same
+    state shapes) resumes under a config without it; a real shape change is still reported."""
 
-    saved = {"model": {"ch": 8, "dtype": "float32"}, "quantizer": {"codebook_size": 32}}
-    current = {
+    saved = {
         "model": {"ch": 8, "dtype": "float32", "conv_weight_grad": "xla"},
         "quantizer": {"codebook_size": 32},
     }
+    current = {"model": {"ch": 8, "dtype": "float32"}, "quantizer": {"codebook_size": 32}}
     assert resume.config_differences(saved, current) == []
     current["quantizer"]["codebook_size"] = 64
     assert resume.config_differences(saved, current) == ["quantizer.codebook_size: 32 -> 64"]
@@ -157,3 +157,28 @@ def test_config_differences_treat_added_keys_as_their_default():
     assert resume.config_differences(saved, current) == []
     current["model"]["attn_levels"] = [1]
     assert resume.config_differences(saved, current) == ["model.attn_levels: [] -> [1]"]
+
+
+def test_workdir_with_conv_weight_grad_loads_and_resumes(tmp_path):
+    """A workdir whose saved config carries model.conv_weight_grad (removed when the CPU kernels
+    became the runtime setting train.cpu_kernels; fixture as the code before saved it) loads,
+    encodes and decodes, and resumes under today's config."""
+    workdir = str(tmp_path / "w")
+    config = vqvae.get_config("tiny")
+    config.train.steps = 2
+    trainer.train(config, workdir)
+    with open(
+        os.path.join(os.path.dirname(__file__), "fixtures", "pre_cpu_layer_tiny_config.json")
+    ) as f:
+        saved = json.load(f)
+    assert saved["model"]["conv_weight_grad"] == "onednn"
+    with open(os.path.join(workdir, "checkpoints", "2", "config", "metadata"), "w") as f:
+        json.dump(saved, f)  # the config the checkpoint was written with
+
+    tok = vq_jax.load(workdir)
+    assert tok.config.model.conv_weight_grad == "onednn"  # read as saved, and ignored
+    images = np.zeros((2, 16, 16, 1), np.uint8)
+    codes = tok.encode(images)
+    assert np.asarray(tok.decode(codes)).shape == images.shape
+    trainer.train(vqvae.get_config("tiny"), workdir)  # 4 steps: resumes from step 2
+    assert checkpoints.newest_step_dir(os.path.join(workdir, "checkpoints")) == 4

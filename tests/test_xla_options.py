@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vq_jax import xla_options
+from vq_jax.cpu import xla_options
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
 

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import checkpoints, data, priors, validate, xla_options
+from vq_jax import checkpoints, data, priors, validate
 from vq_jax import state as state_lib
+from vq_jax.cpu import xla_options
 from vq_jax.errors import MissingFileError, UserError
 from vq_jax.metrics import to_uint8
 from vq_jax.nets.transformer import check_labels

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vq_jax import api, data, errors, metrics
+from vq_jax import api, cpu, data, errors, metrics
 from vq_jax import fid as fid_lib
 from vq_jax.errors import UserError
 from vq_jax.nets import lpips as lpips_lib
@@ -285,6 +285,7 @@ def main(argv: list[str]) -> None:
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; -v 0 brings it back
     try:
+        cpu.enable("auto")  # the native CPU kernels where they help (builds once, one line)
         _main(argv)
     except errors.UserError as e:  # one line, exit 2
         errors.exit_with("evaluate", e)

@@ -7,7 +7,7 @@ the EMA copy (set to the loaded weights) and the data stream start fresh. The so
 parameters are those `vq_jax.load` uses (its EMA copy when it kept one).
 
 The generator's architecture is the source's: its `model` and `quantizer` config sections
-replace the run's, except how the run computes (`model.dtype`, `model.conv_weight_grad`). The
+replace the run's, except how the run computes (`model.dtype`). The
 image channels must agree; the resolution may differ.
 """
 
@@ -23,7 +23,8 @@ from vq_jax import api, checkpoints
 from vq_jax.errors import UserError
 from vq_jax.state import Components, State
 
-KEEP_FROM_RUN = ("dtype", "conv_weight_grad")  # model entries that say how, not what
+KEEP_FROM_RUN = ("dtype",)  # model entries that say how, not what
+REMOVED = ("conv_weight_grad",)  # model entries older sources carry that mean nothing now
 
 
 def init_from(config: mlc.ConfigDict) -> str:
@@ -75,7 +76,7 @@ def with_source_generator(config: mlc.ConfigDict, workdir: str) -> mlc.ConfigDic
         )
     out = config.copy_and_resolve_references()
     out.unlock()
-    model = dict(saved["model"])
+    model = {k: v for k, v in saved["model"].items() if k not in REMOVED}
     for key in KEEP_FROM_RUN:
         if key in config.model:
             model[key] = config.model[key]

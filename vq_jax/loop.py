@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import checkpoints, distributed, metrics, xla_options
+from vq_jax import checkpoints, distributed, metrics
 from vq_jax import state as state_lib
+from vq_jax.cpu import xla_options
 from vq_jax.errors import UserError
 from vq_jax.resume import config_differences
 from vq_jax.state import State

@@ -15,7 +15,9 @@ from vq_jax import state as state_lib
 # Config sections that fix the shapes of the train state; a workdir written with other values
 # cannot be resumed without `train.allow_config_change`.
 STATE_DEFINING = ("model", "quantizer", "discriminator", "input.resolution", "input.channels")
-# Entries inside those sections that choose how the same state is computed, not its shapes.
+# Entries inside those sections that choose how the same state is computed, not its shapes:
+# model.conv_weight_grad was one until the CPU kernels became the runtime setting
+# train.cpu_kernels (vq_jax/cpu/); workdirs written before still carry it.
 COMPUTE_ONLY = ("model.conv_weight_grad",)
 # Entries added after workdirs were first written, with the value that means "as before": a
 # saved config without the key equals a current one holding this value.

@@ -155,7 +155,6 @@ def build_model(config: mlc.ConfigDict) -> VQModel:
         dropout=m.dropout,
         num_groups=m.num_groups,
         dtype=dtype,
-        conv_weight_grad=m.get("conv_weight_grad", "auto"),  # absent in older workdirs' configs
         quantizer=build_quantizer(config.quantizer, dtype),
     )
 
@@ -174,7 +173,6 @@ def build_discriminator(config: mlc.ConfigDict) -> NLayerDiscriminator | None:
         norm=d.norm,
         num_groups=d.num_groups,
         dtype=_dtype(config.model.dtype),
-        conv_weight_grad=config.model.get("conv_weight_grad", "auto"),
     )
 
 

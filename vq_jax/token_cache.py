@@ -12,7 +12,8 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import api, data, distributed, metrics, xla_options
+from vq_jax import api, data, distributed, metrics
+from vq_jax.cpu import xla_options
 from vq_jax.loop import to_global
 
 

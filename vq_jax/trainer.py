@@ -12,7 +12,7 @@ import os
 import jax
 import ml_collections as mlc
 
-from vq_jax import checkpoints, finetune, loop
+from vq_jax import checkpoints, cpu, finetune, loop
 from vq_jax.tasks import prior as prior_task
 from vq_jax.tasks import tokenizer as tokenizer_task
 from vq_jax.validate import check as check_config
@@ -24,11 +24,12 @@ def train(config: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     resumes from the newest checkpoint in `workdir`."""
     config = finetune.with_source_generator(config, workdir)  # fine-tuning: its architecture
     os.makedirs(workdir, exist_ok=True)
-    # --- CPU kernels and compiler options: set up here, once, before anything is traced. ---
-    mesh = loop.make_mesh()
-    # ---------------------------------------------------------------------------------------
     make_task = prior_task.make_task if "prior" in config else tokenizer_task.make_task
     check_config(config)  # every out-of-range field at once, before data and compilation
+    # The CPU kernels: chosen and built here, once, before anything is traced (a log line; a
+    # visible warning and XLA's kernels when the build fails).
+    cpu.enable(config.train.get("cpu_kernels", "auto"))
+    mesh = loop.make_mesh()
     lock = WorkdirLock(workdir, jax.process_index())
     lock.acquire()  # one run per workdir, before anything reads or writes its checkpoints
     try:

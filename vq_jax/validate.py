@@ -100,6 +100,12 @@ RULES: tuple[Rule, ...] = (
     Rule("train.eval_batches", at_least(0), "an int >= 0 (0: the whole split)", 0),
     Rule("train.ema_decay", within(0, 1, hi_open=True), "0 <= ema_decay < 1 (0: off)", 0.999),
     Rule("train.num_sample_images", at_least(1), "an int >= 1", 16),
+    Rule(
+        "train.cpu_kernels",
+        one_of("auto", "onednn", "xla"),
+        _choices("auto", "onednn", "xla"),
+        "'xla'",
+    ),
     Rule("input.resolution", at_least(1), "an int >= 1 (pixels)", 32),
     Rule("input.channels", one_of(1, 3), "1 (grayscale) or 3 (RGB)", 3),
     Rule("input.batch_size", at_least(1), "an int >= 1 (global)", 64),

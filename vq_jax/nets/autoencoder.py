@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vq_jax.nets.conv import Conv, resolve
+from vq_jax.nets import kernels
 from vq_jax.nets.group_norm import GroupNorm
 
 Dtype = jnp.dtype | type
@@ -78,26 +78,20 @@ def _check_groups(channels: int, num_groups: int, what: str) -> None:
         )
 
 
-def _conv3x3(features: int, dtype: Dtype, name: str | None, weight_grad: str) -> Conv:
-    return Conv(
-        features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, weight_grad=weight_grad, name=name
-    )
+def _conv3x3(features: int, dtype: Dtype, name: str | None) -> nn.Conv:
+    return kernels.conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
 
 
-def conv1x1(features: int, dtype: Dtype, name: str | None, weight_grad: str = "auto") -> Conv:
+def conv1x1(features: int, dtype: Dtype, name: str | None) -> nn.Conv:
     """A per-position linear map as a 1x1 conv (float32 parameters)."""
-    return Conv(
-        features, (1, 1), padding=((0, 0), (0, 0)), dtype=dtype, weight_grad=weight_grad, name=name
-    )
+    return kernels.conv(features, (1, 1), padding=((0, 0), (0, 0)), dtype=dtype, name=name)
 
 
 def _group_norm(
-    num_groups: int, dtype: Dtype, name: str | None = None, swish: bool = False, mode: str = "xla"
+    num_groups: int, dtype: Dtype, name: str | None = None, swish: bool = False
 ) -> GroupNorm:
-    """GroupNorm (then swish); with the native kernels where the convs use oneDNN (`mode` is the
-    blocks' conv mode)."""
-    impl = "native" if resolve(mode) == "onednn" else "xla"
-    return GroupNorm(num_groups, _GN_EPS, dtype, swish=swish, impl=impl, name=name)
+    """GroupNorm (then swish), computed by the installed GroupNorm kernel (nets.kernels)."""
+    return GroupNorm(num_groups, _GN_EPS, dtype, swish=swish, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -111,21 +105,19 @@ class ResnetBlock(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         in_channels = x.shape[-1]
         _check_groups(in_channels, self.num_groups, "ResnetBlock input")
         _check_groups(self.out_channels, self.num_groups, "ResnetBlock output")
-        mode = self.conv_weight_grad
-        h = _group_norm(self.num_groups, self.dtype, "norm1", True, mode)(x)
-        h = _conv3x3(self.out_channels, self.dtype, "conv1", mode)(h)
-        h = _group_norm(self.num_groups, self.dtype, "norm2", True, mode)(h)
+        h = _group_norm(self.num_groups, self.dtype, "norm1", True)(x)
+        h = _conv3x3(self.out_channels, self.dtype, "conv1")(h)
+        h = _group_norm(self.num_groups, self.dtype, "norm2", True)(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv3x3(self.out_channels, self.dtype, "conv2", self.conv_weight_grad)(h)
+        h = _conv3x3(self.out_channels, self.dtype, "conv2")(h)
         if in_channels != self.out_channels:
-            x = conv1x1(self.out_channels, self.dtype, "nin_shortcut", self.conv_weight_grad)(x)
+            x = conv1x1(self.out_channels, self.dtype, "nin_shortcut")(x)
         return x.astype(h.dtype) + h
 
 
@@ -166,7 +158,6 @@ class Downsample(nn.Module):
 
     channels: int
     dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -175,14 +166,8 @@ class Downsample(nn.Module):
                 f"Downsample needs even height and width, got {x.shape[1]}x{x.shape[2]}; "
                 "make the input resolution divisible by the encoder's downsample factor."
             )
-        return Conv(
-            self.channels,
-            (3, 3),
-            strides=(2, 2),
-            padding=((0, 1), (0, 1)),
-            dtype=self.dtype,
-            weight_grad=self.conv_weight_grad,
-            name="conv",
+        return kernels.conv(
+            self.channels, (3, 3), (2, 2), ((0, 1), (0, 1)), dtype=self.dtype, name="conv"
         )(x)
 
 
@@ -191,12 +176,11 @@ class Upsample(nn.Module):
 
     channels: int
     dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv3x3(self.channels, self.dtype, "conv", self.conv_weight_grad)(x)
+        return _conv3x3(self.channels, self.dtype, "conv")(x)
 
 
 def _middle(owner: nn.Module, h: jax.Array, train: bool) -> jax.Array:
@@ -204,10 +188,29 @@ def _middle(owner: nn.Module, h: jax.Array, train: bool) -> jax.Array:
     the input's channel count. Called from the owner's compact method, so the submodules are
     the owner's (names mid_block_1, mid_attn_1, mid_block_2)."""
     ch = h.shape[-1]
-    args = (owner.dropout, owner.num_groups, owner.dtype, owner.conv_weight_grad)
+    args = (owner.dropout, owner.num_groups, owner.dtype)
     h = ResnetBlock(ch, *args, name="mid_block_1")(h, train)
     h = AttnBlock(owner.num_groups, owner.dtype, name="mid_attn_1")(h)
     return ResnetBlock(ch, *args, name="mid_block_2")(h, train)
+
+
+def _level(
+    owner: nn.Module, h: jax.Array, train: bool, level: int, blocks: int, prefix: str
+) -> jax.Array:
+    """One resolution level of Encoder or Decoder: `blocks` res blocks at ch * ch_mult[level]
+    channels, each followed by attention where `has_attention` says (names
+    {prefix}_{level}_block_{j}, {prefix}_{level}_attn_{j}; the owner's submodules)."""
+    for j in range(blocks):
+        h = ResnetBlock(
+            owner.ch * owner.ch_mult[level],
+            owner.dropout,
+            owner.num_groups,
+            owner.dtype,
+            name=f"{prefix}_{level}_block_{j}",
+        )(h, train)
+        if has_attention(level, h.shape[1], owner.attn_resolutions, owner.attn_levels):
+            h = AttnBlock(owner.num_groups, owner.dtype, name=f"{prefix}_{level}_attn_{j}")(h)
+    return h
 
 
 class Encoder(nn.Module):
@@ -225,7 +228,6 @@ class Encoder(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
     attn_levels: Sequence[int] = ()  # non-empty: attention by level, attn_resolutions unused
 
     @nn.compact
@@ -237,28 +239,16 @@ class Encoder(nn.Module):
         for m in self.ch_mult:
             _check_groups(self.ch * m, self.num_groups, f"Encoder level with ch*{m}")
 
-        h = _conv3x3(self.ch, self.dtype, "conv_in", self.conv_weight_grad)(x.astype(self.dtype))
+        h = _conv3x3(self.ch, self.dtype, "conv_in")(x.astype(self.dtype))
         last = len(self.ch_mult) - 1
-        for i, mult in enumerate(self.ch_mult):
-            for j in range(self.num_res_blocks):
-                h = ResnetBlock(
-                    self.ch * mult,
-                    self.dropout,
-                    self.num_groups,
-                    self.dtype,
-                    self.conv_weight_grad,
-                    name=f"down_{i}_block_{j}",
-                )(h, train)
-                if has_attention(i, h.shape[1], self.attn_resolutions, self.attn_levels):
-                    h = AttnBlock(self.num_groups, self.dtype, name=f"down_{i}_attn_{j}")(h)
+        for i in range(len(self.ch_mult)):
+            h = _level(self, h, train, i, self.num_res_blocks, "down")
             if i != last:
-                h = Downsample(
-                    h.shape[-1], self.dtype, self.conv_weight_grad, name=f"down_{i}_downsample"
-                )(h)
+                h = Downsample(h.shape[-1], self.dtype, name=f"down_{i}_downsample")(h)
 
         h = _middle(self, h, train)
-        h = _group_norm(self.num_groups, self.dtype, "norm_out", True, self.conv_weight_grad)(h)
-        h = _conv3x3(self.z_channels, self.dtype, "conv_out", self.conv_weight_grad)(h)
+        h = _group_norm(self.num_groups, self.dtype, "norm_out", True)(h)
+        h = _conv3x3(self.z_channels, self.dtype, "conv_out")(h)
         return h.astype(jnp.float32)
 
 
@@ -279,7 +269,6 @@ class Decoder(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
     attn_levels: Sequence[int] = ()  # non-empty: attention by level, attn_resolutions unused
 
     @nn.compact
@@ -292,29 +281,17 @@ class Decoder(nn.Module):
             _check_groups(self.ch * m, self.num_groups, f"Decoder level with ch*{m}")
 
         block_ch = self.ch * self.ch_mult[-1]
-        h = _conv3x3(block_ch, self.dtype, "conv_in", self.conv_weight_grad)(z.astype(self.dtype))
+        h = _conv3x3(block_ch, self.dtype, "conv_in")(z.astype(self.dtype))
         h = _middle(self, h, train)
 
         for i in reversed(range(len(self.ch_mult))):
-            for j in range(self.num_res_blocks + 1):
-                h = ResnetBlock(
-                    self.ch * self.ch_mult[i],
-                    self.dropout,
-                    self.num_groups,
-                    self.dtype,
-                    self.conv_weight_grad,
-                    name=f"up_{i}_block_{j}",
-                )(h, train)
-                if has_attention(i, h.shape[1], self.attn_resolutions, self.attn_levels):
-                    h = AttnBlock(self.num_groups, self.dtype, name=f"up_{i}_attn_{j}")(h)
+            h = _level(self, h, train, i, self.num_res_blocks + 1, "up")
             if i != 0:
-                h = Upsample(
-                    h.shape[-1], self.dtype, self.conv_weight_grad, name=f"up_{i}_upsample"
-                )(h)
+                h = Upsample(h.shape[-1], self.dtype, name=f"up_{i}_upsample")(h)
 
-        h = _group_norm(self.num_groups, self.dtype, "norm_out", True, self.conv_weight_grad)(h)
+        h = _group_norm(self.num_groups, self.dtype, "norm_out", True)(h)
         # Input of the last layer, recorded only when "intermediates" is mutable: with it the
         # adaptive GAN weight gets d(loss)/d(conv_out kernel) without a second decoder backward.
         self.sow("intermediates", "conv_out_input", h)
-        h = _conv3x3(self.out_channels, self.dtype, "conv_out", self.conv_weight_grad)(h)
+        h = _conv3x3(self.out_channels, self.dtype, "conv_out")(h)
         return h.astype(jnp.float32)

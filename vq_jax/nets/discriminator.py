@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vq_jax.nets.conv import Conv
+from vq_jax.nets import kernels
 from vq_jax.nets.group_norm import GroupNorm
 
 Dtype = jnp.dtype | type
@@ -47,7 +47,6 @@ class NLayerDiscriminator(nn.Module):
     norm: str = "group"
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
 
     def _norm(self, channels: int, name: str) -> nn.Module | None:
         if self.norm == "group":
@@ -61,8 +60,8 @@ class NLayerDiscriminator(nn.Module):
             return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         return None
 
-    def _conv(self, features: int, stride: int, use_bias: bool, name: str) -> Conv:
-        return Conv(
+    def _conv(self, features: int, stride: int, use_bias: bool, name: str) -> nn.Conv:
+        return kernels.conv(
             features,
             (_KERNEL, _KERNEL),
             strides=(stride, stride),
@@ -70,7 +69,6 @@ class NLayerDiscriminator(nn.Module):
             use_bias=use_bias,
             kernel_init=nn.initializers.normal(0.02),
             dtype=self.dtype,
-            weight_grad=self.conv_weight_grad,
             name=name,
         )
 

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vq_jax.nets import weight_files
-from vq_jax.nets.conv import Conv
+from vq_jax.nets import kernels, weight_files
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -51,10 +50,10 @@ def conv_relu(
     """A conv with the BatchNorm folded into its bias, then ReLU (the TF graph's conv unit).
 
     Call inside a compact method: the ``Conv`` becomes the caller's submodule ``name``
-    (``nets.conv.Conv``: flax's Conv, through oneDNN on CPUs where the kernels are built).
+    (``nets.kernels.conv``: flax's Conv, through oneDNN where ``vq_jax.cpu.enable`` installed it).
     """
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    conv = Conv(features, kernel, strides=(stride, stride), padding=((ph, ph), (pw, pw)), name=name)
+    conv = kernels.conv(features, kernel, (stride, stride), ((ph, ph), (pw, pw)), name=name)
     return nn.relu(conv(x))
 
 

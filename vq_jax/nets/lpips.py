@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vq_jax.nets import weight_files
-from vq_jax.nets.conv import Conv
+from vq_jax.nets import kernels, weight_files
 
 Dtype = jnp.dtype | type
 
@@ -93,7 +92,7 @@ class VGG16Features(nn.Module):
             if s > 0:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
             for i in range(n):
-                x = Conv(  # flax's Conv; oneDNN on CPU: ~8x faster here than XLA:CPU's
+                x = kernels.conv(  # oneDNN on CPU (vq_jax.cpu): ~8x faster than XLA:CPU's
                     c_out,
                     (3, 3),
                     padding=((1, 1), (1, 1)),

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vq_jax.nets import kernels
 from vq_jax.nets.autoencoder import Decoder, Dtype, Encoder, conv1x1
-from vq_jax.nets.conv import conv2d
 from vq_jax.nets.quantizers import QuantizerResult
 
 
@@ -37,7 +37,6 @@ class VQModel(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"  # see vq_jax.nets.conv.conv2d
     attn_levels: Sequence[int] = ()  # non-empty: attention by level (see nets/autoencoder.py)
 
     def setup(self) -> None:
@@ -51,11 +50,10 @@ class VQModel(nn.Module):
             dropout=self.dropout,
             num_groups=self.num_groups,
             dtype=self.dtype,
-            conv_weight_grad=self.conv_weight_grad,
             attn_levels=self.attn_levels,
         )
-        self.quant_conv = conv1x1(embed_dim, self.dtype, None, self.conv_weight_grad)
-        self.post_quant_conv = conv1x1(self.z_channels, self.dtype, None, self.conv_weight_grad)
+        self.quant_conv = conv1x1(embed_dim, self.dtype, None)
+        self.post_quant_conv = conv1x1(self.z_channels, self.dtype, None)
         self.decoder = Decoder(
             ch=self.ch,
             out_channels=self.in_channels,
@@ -65,7 +63,6 @@ class VQModel(nn.Module):
             dropout=self.dropout,
             num_groups=self.num_groups,
             dtype=self.dtype,
-            conv_weight_grad=self.conv_weight_grad,
             attn_levels=self.attn_levels,
         )
 
@@ -80,7 +77,9 @@ class VQModel(nn.Module):
         pad = ((1, 1), (1, 1))  # the 3x3 'SAME' conv_out
 
         def apply(kernel: jax.Array) -> jax.Array:
-            return conv2d(features, kernel, (1, 1), pad, self.conv_weight_grad)
+            return kernels.conv_general_dilated(
+                features, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
 
         return params["decoder"]["conv_out"]["kernel"], apply
 

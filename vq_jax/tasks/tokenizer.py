@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from vq_jax import data, finetune, metrics, xla_options
+from vq_jax import data, finetune, metrics
 from vq_jax import fid as fid_lib
 from vq_jax import state as state_lib
 from vq_jax import steps as steps_lib
+from vq_jax.cpu import xla_options
 from vq_jax.errors import UserError
 from vq_jax.loop import DATA_AXIS, Task, jit_step, save_json, to_global
 from vq_jax.state import State

@@ -3,7 +3,7 @@
 // Why: XLA:CPU's kernel-gradient convolutions need NHWC operands transposed into other layouts
 // first (about a third of the VQ-VAE step's non-conv time), and its strided input gradient is a
 // slow dilated conv. oneDNN computes all three passes directly on NHWC activations and HWIO
-// kernels, as PyTorch's CPU convolutions do. Built on first use by vq_jax/native.py.
+// kernels, as PyTorch's CPU convolutions do. Built by vq_jax/cpu/native.py (vq_jax.cpu.enable).
 //
 // Layouts: x [N, H, W, Ci], w [kh, kw, Ci, Co], y [N, Ho, Wo, Co]; float32 or bfloat16 (with
 // float32 accumulation inside oneDNN). Attributes: strides (sh, sw) and padding (top, bottom,

@@ -9,7 +9,7 @@ its convolutions (as ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individ
 would say it; compiler options take the full list, not a +/- edit). The values are the
 same sums in another order, so the math does not change. The train, eval and encode programs of
 ``vq_jax.trainer`` and ``vq_jax.api`` compile with it. To compile your own jitted calls the same
-way, use ``jax.jit(f, compiler_options=vq_jax.xla_options.compiler_options())``.
+way, use ``jax.jit(f, compiler_options=vq_jax.cpu.xla_options.compiler_options())``.
 
 If the user sets the flag in ``XLA_FLAGS``, their choice wins: we add nothing then.
 """

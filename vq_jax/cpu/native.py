@@ -1,4 +1,4 @@
-"""Native CPU kernels as XLA FFI custom calls: build once, load, register, call.
+"""The native CPU kernels as XLA FFI custom calls: build once, load, register, call.
 
 - ``csrc/onednn_conv.cc``: convolutions through oneDNN, the library behind PyTorch's CPU
   convolutions. XLA:CPU computes a conv's kernel gradient only after transposing its NHWC
@@ -11,13 +11,14 @@
 Not every CPU has oneDNN kernels for every case: oneDNN 3.2 has no bfloat16 convolutions on
 AVX2-only CPUs (AMD EPYC before Zen 4, most laptops). ``conv_supported`` asks oneDNN, while
 tracing and before a custom call is emitted, whether it can create the three primitives of a
-(dtype, shape) case here; where it cannot, ``vq_jax.nets.conv`` computes that case with XLA's
+(dtype, shape) case here; where it cannot, ``vq_jax.cpu.conv`` computes that case with XLA's
 convolution and logs one warning line. ``VQ_JAX_NATIVE=off`` turns the kernels off altogether.
 
 This module compiles both files with the system C++ compiler against the oneDNN of the
-``onednn`` extra (``pip install 'vq-jax[onednn]'``) the first time they are needed, caches the
-shared library (keyed by sources, jaxlib, oneDNN, compiler and CPU), and registers the handlers
-with JAX for the CPU platform. ``vq_jax.nets.conv`` and ``vq_jax.nets.group_norm`` use them.
+``onednn`` extra (``pip install 'vq-jax[onednn]'``) when ``vq_jax.cpu.enable`` asks for them,
+caches the shared library (keyed by the sources' contents, jaxlib, oneDNN, compiler and CPU),
+and registers the handlers with JAX for the CPU platform. ``vq_jax.cpu.conv`` and
+``vq_jax.cpu.group_norm`` wrap them as differentiable kernels.
 
 Prebuild (e.g. in a Docker image): ``python scripts/build_native.py``.
 """
@@ -54,7 +55,8 @@ _TARGETS = {  # custom-call name -> symbol in the library
 DTYPES = (jnp.float32, jnp.bfloat16)
 INSTALL_HINT = (
     "install the oneDNN extra and a C++ compiler (`pip install 'vq-jax[onednn]'`, "
-    "`apt-get install g++`), or set config.model.conv_weight_grad='xla'"
+    "`apt-get install g++`), or use XLA's kernels: config.train.cpu_kernels='xla' "
+    "(vq_jax.cpu.enable('xla'))"
 )
 ENV_SWITCH = "VQ_JAX_NATIVE"  # "off": never use the native kernels (XLA's ops everywhere)
 # dnnl_cpu_isa_t values (oneapi/dnnl/dnnl_types.h) -> names, for messages
@@ -158,7 +160,7 @@ def build(verbose: bool = True) -> Path:
 @functools.cache
 def _library() -> ctypes.CDLL | str:
     """Build if needed, load and register the handlers: the library, or why that is impossible."""
-    if os.environ.get(ENV_SWITCH, "").lower() in ("0", "off", "false", "no"):
+    if switched_off():
         return f"the native kernels are turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     try:
         lib = ctypes.CDLL(str(build()))
@@ -173,8 +175,13 @@ def _library() -> ctypes.CDLL | str:
     return lib
 
 
-def _load() -> str | None:
-    """None when the kernels are loaded and registered, else the reason they are not."""
+def switched_off() -> bool:
+    """Whether $VQ_JAX_NATIVE turns the native kernels off."""
+    return os.environ.get(ENV_SWITCH, "").lower() in ("0", "off", "false", "no")
+
+
+def load() -> str | None:
+    """Build if needed, load and register: None when the kernels are usable, else why not."""
     lib = _library()
     return lib if isinstance(lib, str) else None
 
@@ -214,12 +221,12 @@ def conv_unsupported(
 def available() -> bool:
     """Whether the native kernels can be used (builds them on the first call; False when
     $VQ_JAX_NATIVE is off)."""
-    return _load() is None
+    return load() is None
 
 
 def require() -> None:
     """Raise NativeUnavailable, naming the fix, unless the native kernels can be used."""
-    reason = _load()
+    reason = load()
     if reason is not None:
         raise NativeUnavailable(reason)
 
@@ -284,4 +291,3 @@ def group_norm_backward(
     return jax.ffi.ffi_call("vq_jax_group_norm_backward", outs)(
         x, scale, bias, mean, rstd, dout, num_groups=np.int32(num_groups), swish=swish
     )
-
