@@ -1,4 +1,6 @@
-"""Use a trained tokenizer from its workdir in three lines:
+"""The user API over workdirs: `load` a tokenizer, `load_prior` a prior; encode, decode, sample.
+
+A trained tokenizer in three lines:
 
 tok = vq_jax.load("W")
 tokens = tok.encode(images)      # uint8 [N,H,W,C] -> int32 [N,h,w]
