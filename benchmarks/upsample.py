@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from vq_jax import api, data, metrics
+from vq_jax import api, cpu, data, metrics
 from vq_jax import fid as fid_lib
 from vq_jax.errors import UserError
 from vq_jax.nets import lpips as lpips_lib
@@ -194,6 +194,7 @@ flags.mark_flags_as_required(["prior_workdirs", "out"])
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
+    cpu.enable("auto")  # oneDNN convs on a CPU: Inception ~2x faster (no-op elsewhere)
     inception = os.path.expanduser(_INCEPTION.value or fid_lib.default_weights_path())
     lpips_w = os.path.expanduser(_LPIPS_W.value or lpips_lib.default_weights_path())
     rows, grid, info = evaluate_upsampling(
