@@ -35,8 +35,20 @@ CURVES = (
 
 
 def read_jsonl(workdir: str) -> list[dict]:
+    """The run's metric records, without those of attempts that a resume replaced.
+
+    A run killed after its last checkpoint logged steps that its resumed attempt trains and logs
+    again; a record whose step goes back marks such a restart, and the earlier records from that
+    step on are dropped (otherwise curves draw back-lines and train time counts twice).
+    """
+    rows: list[dict] = []
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        for line in f:
+            row = json.loads(line)
+            if rows and row["step"] < rows[-1]["step"]:
+                rows = [r for r in rows if r["step"] < row["step"]]
+            rows.append(row)
+    return rows
 
 
 def final_eval(workdir: str, step: int | None) -> dict:
