@@ -34,23 +34,6 @@ CURVES = (
 )
 
 
-def read_jsonl(workdir: str) -> list[dict]:
-    """The run's metric records, without those of attempts that a resume replaced.
-
-    A run killed after its last checkpoint logged steps that its resumed attempt trains and logs
-    again; a record whose step goes back marks such a restart, and the earlier records from that
-    step on are dropped (otherwise curves draw back-lines and train time counts twice).
-    """
-    rows: list[dict] = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if rows and row["step"] < rows[-1]["step"]:
-                rows = [r for r in rows if r["step"] < row["step"]]
-            rows.append(row)
-    return rows
-
-
 def final_eval(workdir: str, step: int | None) -> dict:
     if step is not None:
         path = os.path.join(workdir, "eval", f"step_{step}.json")
@@ -105,7 +88,7 @@ def main(argv):
     rows_by_name, grid_rows = {}, []
     for name, workdir in zip(names, workdirs, strict=True):
         ev = final_eval(workdir, _STEP.value)
-        rows = [r for r in read_jsonl(workdir) if r["step"] <= ev["step"]]
+        rows = [r for r in metrics.read_metrics(workdir) if r["step"] <= ev["step"]]
         rows_by_name[name] = rows
         lines.append(
             f"| {name} | {ev['step']} | {wall_minutes(rows, ev['step']):.1f} | {ev['psnr']:.2f} | "

@@ -90,19 +90,3 @@ def test_preemption_benchmark_reports_the_exit(tmp_path):
     assert r["exit_status"] == 0 and r["signal"] == "SIGINT"
     assert r["saved_step"] >= 10 and 0 < r["seconds_to_exit"] < 60
     assert str(r["saved_step"]) in os.listdir(tmp_path / "w" / "checkpoints")
-
-
-def test_tokenizer_report_drops_records_of_a_replaced_attempt(tmp_path):
-    """A run killed at step 30 after its step-20 checkpoint, resumed: the curves keep one record
-    per step, those of the attempt that survived."""
-    from benchmarks import tokenizer_report
-
-    first = [{"step": s, "train/loss": 1.0} for s in (10, 20)] + [{"step": 20, "eval/psnr": 20.0}]
-    first += [{"step": 30, "train/loss": 1.0}]
-    resumed = [{"step": s, "train/loss": 2.0} for s in (25, 30, 40)]
-    with open(tmp_path / "metrics.jsonl", "w") as f:
-        for row in first + resumed:
-            f.write(json.dumps(row) + "\n")
-    rows = tokenizer_report.read_jsonl(str(tmp_path))
-    assert [r["step"] for r in rows] == [10, 20, 20, 25, 30, 40]
-    assert [r.get("train/loss") for r in rows] == [1.0, 1.0, None, 2.0, 2.0, 2.0]

@@ -226,3 +226,17 @@ def test_metric_writer_disabled_writes_nothing(tmp_path):
     w.write_images(1, "x", np.zeros((1, 4, 4, 3), np.uint8))
     w.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_read_metrics_drops_records_of_a_replaced_attempt(tmp_path):
+    """A run killed at step 30 after its step-20 checkpoint, resumed: the curves keep one record
+    per step, those of the attempt that survived."""
+    first = [{"step": s, "train/loss": 1.0} for s in (10, 20)] + [{"step": 20, "eval/psnr": 20.0}]
+    first += [{"step": 30, "train/loss": 1.0}]
+    resumed = [{"step": s, "train/loss": 2.0} for s in (25, 30, 40)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for row in first + resumed:
+            f.write(json.dumps(row) + "\n")
+    rows = metrics.read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [10, 20, 20, 25, 30, 40]
+    assert [r.get("train/loss") for r in rows] == [1.0, 1.0, None, 2.0, 2.0, 2.0]

@@ -192,6 +192,23 @@ def _to_python(value: Any) -> float | int:
     return float(np.asarray(value))
 
 
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """WORKDIR/metrics.jsonl's records (MetricWriter's output), less any replaced attempt's.
+
+    A run killed after its last checkpoint logged steps that its resumed attempt trains and logs
+    again; a record whose step goes back marks such a restart, and the earlier records from that
+    step on are dropped (otherwise curves draw back-lines and train time counts twice).
+    """
+    rows: list[dict] = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if rows and row["step"] < rows[-1]["step"]:
+                rows = [r for r in rows if r["step"] < row["step"]]
+            rows.append(row)
+    return rows
+
+
 class ProgressLine:
     """Prints "<what> i/n <unit> (t s)" at most every `every` seconds (the first after `every`),
     so long evaluations and token caching are not silent."""
