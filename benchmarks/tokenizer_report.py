@@ -92,7 +92,7 @@ def main(argv):
         rows_by_name[name] = rows
         lines.append(
             f"| {name} | {ev['step']} | {wall_minutes(rows, ev['step']):.1f} | {ev['psnr']:.2f} | "
-            f"{ev['ssim']:.4f} | {ev['codebook_usage']:.3f} | {ev['codes_used']} | "
+            f"{metrics.ssim_text(ev)} | {ev['codebook_usage']:.3f} | {ev['codes_used']} | "
             f"{ev['codebook_perplexity']:.1f} |"
         )
         tok = vq_jax.load(workdir, ev["step"])

@@ -61,10 +61,10 @@ class Scorer:
         x, y = _float(truth), _float(images)
         s = self.sums.setdefault(name, {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0})
         s["psnr"] += float(np.sum(np.asarray(metrics.psnr(x, y)), dtype=np.float64))
-        if min(x.shape[1:3]) >= metrics.SSIM_WINDOW:
+        if metrics.ssim_defined(x.shape):
             s["ssim"] += float(np.sum(np.asarray(metrics.ssim(x, y)), dtype=np.float64))
         else:
-            s["ssim"] = float("nan")
+            s.pop("ssim", None)  # left out below 11x11 pixels, never NaN
         if self.lpips_fn is not None:
             s["lpips"] += float(np.sum(np.asarray(self.lpips_fn(x, y)), dtype=np.float64))
         if self.inception:
@@ -83,7 +83,8 @@ class Scorer:
             n = self.count[name]
             row: dict[str, Any] = {"method": name, "num": n}
             row["psnr"] = s["psnr"] / n
-            row["ssim"] = s["ssim"] / n
+            if "ssim" in s:
+                row["ssim"] = s["ssim"] / n
             if self.lpips_fn is not None:
                 row["lpips"] = s["lpips"] / n
             if self.inception:

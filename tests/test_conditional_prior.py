@@ -12,7 +12,7 @@ from subproc import run_script
 
 from configs import prior as prior_configs
 from configs import vqvae
-from vq_jax import api, data, errors, priors, sampling, trainer
+from vq_jax import api, data, errors, evaluate, metrics, priors, sampling, trainer
 from vq_jax import state as state_lib
 from vq_jax.nets.transformer import GPT, MaskGITTransformer, init_cache
 
@@ -253,6 +253,19 @@ def test_upsample_end_to_end(sr_workdirs):
     again, _ = prior.upsample(lows, num_samples=3, seed=1)
     np.testing.assert_array_equal(images, again)
     assert not all(np.array_equal(tokens[0, 0], tokens[0, i]) for i in (1, 2))  # one-to-many
+
+
+def test_ssim_left_out_below_its_window_not_nan(sr_workdirs):
+    """4x4 LR images are below SSIM's 11x11 window: the trainer's eval, its log line and
+    `vq_jax.evaluate` leave SSIM out (no NaN in metrics.jsonl); 16x16 ones report it."""
+    for name, has_ssim in (("lr", False), ("hr", True)):
+        records = metrics.read_metrics(sr_workdirs[name])
+        evals = [r for r in records if "eval/psnr" in r]
+        assert evals and all(("eval/ssim" in r) == has_ssim for r in evals), name
+        assert all(np.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
+        result = evaluate.evaluate_tokenizer(sr_workdirs[name], split="test", num=2)
+        assert ("ssim" in result) == has_ssim and result["num_images"] == 2
+        assert ("SSIM n/a" in evaluate._summary(result)) != has_ssim
 
 
 def test_upsample_bad_inputs(sr_workdirs):

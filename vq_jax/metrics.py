@@ -79,6 +79,17 @@ def _valid_filter(maps: jax.Array, kernel_1d: np.ndarray) -> jax.Array:
     return jnp.transpose(flat.reshape(n, c, ho, wo), (0, 2, 3, 1))
 
 
+def ssim_defined(shape: tuple[int, ...]) -> bool:
+    """Whether SSIM's 11x11 window fits images of NHWC ``shape``; below it (e.g. 8x8
+    low-resolution images) callers leave SSIM out of their results instead of reporting NaN."""
+    return min(shape[1:3]) >= SSIM_WINDOW
+
+
+def ssim_text(result: dict[str, Any]) -> str:
+    """``result["ssim"]`` for a log line or table, or "n/a" where the images were too small."""
+    return f"{result['ssim']:.4f}" if "ssim" in result else f"n/a (< {SSIM_WINDOW} px)"
+
+
 def ssim(x: jax.Array, y: jax.Array, data_range: float = 2.0) -> jax.Array:
     """Per-image SSIM (Wang et al. 2004) for NHWC batches, shape [B], computed in float32.
 
@@ -90,7 +101,7 @@ def ssim(x: jax.Array, y: jax.Array, data_range: float = 2.0) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
     _check_pair(x, y, "ssim")
-    if x.shape[1] < SSIM_WINDOW or x.shape[2] < SSIM_WINDOW:
+    if not ssim_defined(x.shape):
         raise ValueError(
             f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got "
             f"{x.shape[1]}x{x.shape[2]}; upsample the images or use psnr instead"

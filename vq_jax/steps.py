@@ -333,10 +333,8 @@ def make_eval_step(comps: Components) -> Callable[..., Measurements]:
             "mse": jnp.square(recon - x).mean(axis=(1, 2, 3)),
             "psnr": metrics.psnr(x, recon),
         }
-        if min(x.shape[1:3]) >= metrics.SSIM_WINDOW:  # SSIM is undefined below 11x11 (e.g. 8x8 LR)
+        if metrics.ssim_defined(x.shape):  # left out below 11x11 (e.g. 8x8 LR), never NaN
             per_image["ssim"] = metrics.ssim(x, recon)
-        else:
-            per_image["ssim"] = jnp.full(x.shape[:1], jnp.nan)
         sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
         sums["count"] = mask.sum()
         # Any token shape: [B, h, w] or [B, h, w, depth] (every stage's index counted).

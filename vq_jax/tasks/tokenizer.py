@@ -92,7 +92,7 @@ def evaluate_split(
             first = global_batch
     totals = jax.device_get(totals)
     n = max(float(totals["count"]), 1.0)
-    result = {k: float(totals[k]) / n for k in ("l1", "mse", "psnr", "ssim")}
+    result = {k: float(totals[k]) / n for k in ("l1", "mse", "psnr", "ssim") if k in totals}
     stats = metrics.codebook_stats(totals["code_counts"])
     result["codebook_usage"] = float(stats["usage"])
     result["codebook_perplexity"] = float(stats["perplexity"])
@@ -266,7 +266,7 @@ def make_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> 
             fid_part = f"rFID {result['rfid']:.2f} (N = {result['rfid_num']}) | " if rfid else ""
             print(
                 f"eval step {step}: {fid_part}psnr {result['psnr']:.2f} dB | "
-                f"ssim {result['ssim']:.4f} | "
+                f"ssim {metrics.ssim_text(result)} | "
                 f"codebook usage {result['codebook_usage']:.3f} ({result['codes_used']} codes) | "
                 f"perplexity {result['codebook_perplexity']:.1f}",
                 flush=True,
