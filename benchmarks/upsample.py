@@ -124,9 +124,11 @@ def evaluate_upsampling(
     scorer = Scorer(lpips_weights, inception_weights, batch_size)
     grid_parts: list[np.ndarray] = []
     start = 0
+    progress = metrics.ProgressLine(f"upsample {split}:", num, "images")
     for lows, truth, _ in api.iterate_condition_pairs(
         first, split, num=num, batch_size=batch_size, data_dir=data_dir
     ):
+        progress.update(start)
         bicubic = data.upsample_images(lows, shape[:2], "bicubic")
         scorer.add_truth(truth)
         scorer.add("bicubic", bicubic, truth)
