@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vq_jax.errors import UserError
 from vq_jax.nets.transformer import GPT, MaskGITTransformer
 from vq_jax.prior_losses import (
     ar_loss,
@@ -96,7 +97,7 @@ def test_filter_temperature_and_noop():
     np.testing.assert_allclose(
         np.asarray(filter_logits(logits, 0.25)), np.asarray(logits) / 0.25, rtol=1e-6
     )
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(UserError, match="temperature"):
         filter_logits(logits, 0.0)
 
 
@@ -281,9 +282,9 @@ def test_ar_class_conditioning_and_reproducibility(gpt):
 
 def test_ar_bad_args(gpt):
     model, params = gpt
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(UserError, match="labels"):
         sample_autoregressive(model, params, jax.random.key(0), B)
-    with pytest.raises(ValueError, match="prefix"):
+    with pytest.raises(UserError, match="prefix"):
         sample_autoregressive(
             model,
             params,

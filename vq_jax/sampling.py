@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from vq_jax.errors import UserError
 from vq_jax.nets.transformer import GPT, MaskGITTransformer, check_labels, init_cache
 from vq_jax.prior_losses import cosine_mask_ratio
 
@@ -47,12 +48,12 @@ def filter_logits(
     keeps everything. Removed entries are ``-inf``.
     """
     if isinstance(temperature, int | float) and temperature <= 0:
-        raise ValueError(
+        raise UserError(
             f"temperature must be > 0, got {temperature}; use a small value (e.g. 1e-4) or "
             "top_k=1 for greedy decoding."
         )
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}.")
+        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}.")
     logits = logits.astype(jnp.float32) / temperature
     k = logits.shape[-1]
     if 0 < top_k < k:
@@ -78,9 +79,9 @@ def _labels_for(model: GPT | MaskGITTransformer, labels: jax.Array | None, batch
 
 def _check_cfg(model: GPT | MaskGITTransformer, cfg_scale: float) -> bool:
     if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0 (0 disables guidance), got {cfg_scale}.")
+        raise UserError(f"cfg_scale must be >= 0 (0 disables guidance), got {cfg_scale}.")
     if cfg_scale > 0 and model.num_classes == 0:
-        raise ValueError(
+        raise UserError(
             "cfg_scale > 0 needs a class-conditional model (num_classes > 0); set cfg_scale=0."
         )
     return cfg_scale > 0
@@ -97,12 +98,12 @@ def _known(
 ) -> tuple[jax.Array, jax.Array]:
     """Validate an inpainting (tokens, mask) pair; default: nothing known."""
     if (tokens is None) != (mask is None):
-        raise ValueError(f"pass both {what} tokens and their mask, or neither.")
+        raise UserError(f"pass both {what} tokens and their mask, or neither.")
     if tokens is None:
         return jnp.zeros((batch_size, length), jnp.int32), jnp.zeros((batch_size, length), bool)
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.shape != (batch_size, length):
-        raise ValueError(
+        raise UserError(
             f"{what} tokens must have shape ({batch_size}, {length}) (batch, flattened h*w), "
             f"got {tokens.shape}."
         )
@@ -110,7 +111,7 @@ def _known(
     try:
         mask = jnp.broadcast_to(mask, (batch_size, length))
     except ValueError as err:
-        raise ValueError(
+        raise UserError(
             f"{what} mask of shape {mask.shape} does not broadcast to ({batch_size}, {length}); "
             "pass a bool mask [L] or [B, L]."
         ) from err
@@ -236,13 +237,13 @@ def _cond_for(model, cond: jax.Array | None, batch_size: int) -> jax.Array | Non
     cond_len = getattr(model, "cond_len", 0)
     if cond_len == 0:
         if cond is not None:
-            raise ValueError("cond was given but the model has no image condition (cond_len=0).")
+            raise UserError("cond was given but the model has no image condition (cond_len=0).")
         return None
     if cond is None:
-        raise ValueError(f"the model is image-conditional; pass cond [{batch_size}, {cond_len}].")
+        raise UserError(f"the model is image-conditional; pass cond [{batch_size}, {cond_len}].")
     cond = jnp.asarray(cond, jnp.int32).reshape(cond.shape[0], -1)
     if cond.shape != (batch_size, cond_len):
-        raise ValueError(f"cond must have shape ({batch_size}, {cond_len}), got {cond.shape}.")
+        raise UserError(f"cond must have shape ({batch_size}, {cond_len}), got {cond.shape}.")
     return cond
 
 
@@ -287,9 +288,9 @@ def decode_maskgit(
     tokens after each step, int32 [T, batch_size].
     """
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        raise UserError(f"num_steps must be >= 1, got {num_steps}.")
     if isinstance(temperature, int | float) and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+        raise UserError(f"temperature must be > 0, got {temperature}.")
     known_tokens, known_mask = _known(known_tokens, known_mask, batch_size, length, "known")
     tokens = jnp.where(known_mask, known_tokens, mask_id)
     num_unknown = length - jnp.sum(known_mask, axis=-1, dtype=jnp.int32)
