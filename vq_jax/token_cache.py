@@ -3,6 +3,8 @@ source / batch adapters that feed those token grids through the input pipeline."
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -68,6 +70,27 @@ class TokenBatches:
         self._it.set_state(state)
 
 
+def tokenizer_fingerprint(tok: api.Tokenizer, data_dir: str | None = None) -> str:
+    """A hash of what decides the cached tokens: the tokenizer's variables (names, dtypes,
+    shapes, bytes), its token shape and the data it reads (its `config.input`, less batch sizes
+    and flips, and `data_dir`). The step alone is not enough: every converted tokenizer is step 0.
+    """
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tok.variables):
+        # a replicated global array: this process's copy (every process hashes the same bytes)
+        a = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    inputs = {
+        k: v
+        for k, v in tok.config.input.to_dict().items()
+        if "batch_size" not in k and k not in ("random_flip", "data_dir")
+    }
+    meta = {"token_shape": list(tok.token_shape), "input": inputs, "data_dir": data_dir}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
 def cached_tokens(
     tok: api.Tokenizer,
     config: mlc.ConfigDict,
@@ -83,13 +106,19 @@ def cached_tokens(
     """
     path = os.path.join(cache_dir, f"{split}.npz")
     expected = tok.token_shape
+    fingerprint = tokenizer_fingerprint(tok, config.input.data_dir)
     if os.path.exists(path):
         with np.load(path) as f:
             tokens, labels = f["tokens"], f["labels"]
-            made_by = int(f["tokenizer_step"]) if "tokenizer_step" in f else -1
-        if tokens.shape[1:] == expected and made_by == tok.step:
+            # caches written before the fingerprint (keyed by step only) are re-made once
+            made_by = str(f["tokenizer_fingerprint"]) if "tokenizer_fingerprint" in f else ""
+        if tokens.shape[1:] == expected and made_by == fingerprint:
             return tokens, labels
-        print(f"token cache {path} is stale (other tokenizer or grid); re-tokenizing", flush=True)
+        print(
+            f"token cache {path} was made by another tokenizer or data (or before caches were "
+            "fingerprinted); re-tokenizing",
+            flush=True,
+        )
     pcount, pindex = jax.process_count(), jax.process_index()
     is_main = pindex == 0
     source, preprocess_fn = api.split_source(tok, split, data_dir=config.input.data_dir)
@@ -137,7 +166,13 @@ def cached_tokens(
     if is_main:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, tokens=tokens, labels=labels, tokenizer_step=tok.step)
+        np.savez(
+            tmp,
+            tokens=tokens,
+            labels=labels,
+            tokenizer_step=tok.step,
+            tokenizer_fingerprint=fingerprint,
+        )
         os.replace(tmp, path)  # atomic: a crash never leaves a partial cache
         print(f"cached {len(tokens)} {split} token grids {tokens.shape[1:]} in {path}", flush=True)
     distributed.barrier(f"tokens_{split}")  # the others read the cache process 0 wrote
