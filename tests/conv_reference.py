@@ -1,7 +1,7 @@
 """A 2-D NHWC x HWIO convolution and its two gradients in float64 numpy, from their definitions:
-    y[b, i, j, co]      = sum_{ky, kx, ci} x_pad[b, s*i + ky, s*j + kx, ci] * W[ky, kx, ci, co]
-    dW[ky, kx, ci, co]  = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co]
-    dx_pad[b, s*i + ky, s*j + kx, ci] += sum_co dy[b, i, j, co] * W[ky, kx, ci, co]
+y[b, i, j, co]      = sum_{ky, kx, ci} x_pad[b, s*i + ky, s*j + kx, ci] * W[ky, kx, ci, co]
+dW[ky, kx, ci, co]  = sum_{b, i, j} x_pad[b, s*i + ky, s*j + kx, ci] * dy[b, i, j, co]
+dx_pad[b, s*i + ky, s*j + kx, ci] += sum_co dy[b, i, j, co] * W[ky, kx, ci, co]
 """
 
 import numpy as np
