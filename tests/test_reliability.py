@@ -23,7 +23,7 @@ from vq_jax import state as state_lib
 from vq_jax.tasks import tokenizer as tokenizer_task
 
 LONG = [  # tiny config, long enough to interrupt
-    "--config.train.steps=120",
+    "--config.train.steps=60",
     "--config.train.checkpoint_every=10",
     "--config.train.log_every=10",
     "--config.train.eval_every=1000",
@@ -74,7 +74,7 @@ def _params(workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The reference: the same 120-step VQGAN run without interruption."""
+    """The reference: the same 60-step VQGAN run without interruption."""
     workdir = str(tmp_path_factory.mktemp("straight"))
     run_script(*train_args("vqgan", workdir, *LONG))
     return _params(workdir)
@@ -84,19 +84,19 @@ def uninterrupted(tmp_path_factory):
 def test_interrupted_run_resumes_bit_identically(tmp_path, uninterrupted, sig):
     """VQGAN (D, both optimizers, loss state, data position): kill, restart, same params."""
     workdir = str(tmp_path / "w")
-    rc, out = _start_and_signal(train_args("vqgan", workdir, *LONG), sig, "step 20/120", workdir)
+    rc, out = _start_and_signal(train_args("vqgan", workdir, *LONG), sig, "step 20/60", workdir)
     if sig == signal.SIGKILL:
         assert rc == -signal.SIGKILL, out[-2000:]
     else:
         assert rc == 0, out[-2000:]
         assert "preempted: saved checkpoint at step" in out
         saved = int(out.split("preempted: saved checkpoint at step ")[1].split(";")[0])
-        assert 20 <= saved < 120
+        assert 20 <= saved < 60
         assert saved in checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")).steps()
     proc = run_script(*train_args("vqgan", workdir, *LONG))
     assert "resumed from checkpoint step" in proc.stdout
     step, params = _params(workdir)
-    assert step == uninterrupted[0] == 120
+    assert step == uninterrupted[0] == 60
     chex.assert_trees_all_equal(params, uninterrupted[1])
 
 
