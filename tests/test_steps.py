@@ -356,6 +356,32 @@ def test_perceptual_term_is_lpips_and_enters_the_loss(tmp_path):
     np.testing.assert_allclose(float(m["rec_loss"]), float(m["l1"]) + float(expected), rtol=1e-4)
 
 
+def test_empty_lpips_weights_mean_the_default_path(tmp_path, monkeypatch):
+    """loss.lpips_weights="" reads lpips.default_weights_path() ($VQ_JAX_LPIPS_WEIGHTS here);
+    the fashion_mnist VQGAN trains with LPIPS, fashion_mnist_fm with feature matching only."""
+    from vq_jax.nets import lpips
+
+    missing = str(tmp_path / "absent.npz")
+    monkeypatch.setenv(lpips.DEFAULT_WEIGHTS_ENV, missing)
+    config = vqgan.get_config("tiny")
+    config.loss.update(perceptual_weight=1.0, lpips_weights="")
+    with pytest.raises(FileNotFoundError, match=r"absent\.npz.*convert_lpips\.py"):
+        state_lib.build(config)
+    path = str(tmp_path / "lpips.npz")
+    params = _random_lpips_file(path, (16, 16, 1))
+    monkeypatch.setenv(lpips.DEFAULT_WEIGHTS_ENV, path)
+    comps = state_lib.build(config)
+    x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1), minval=-1.0, maxval=1.0)
+    y = jnp.flip(x, axis=1)
+    expected = jnp.mean(lpips.LPIPS(concat_batch=False).apply({"params": params}, x, y))
+    np.testing.assert_allclose(float(comps.perceptual(x, y)), float(expected), rtol=1e-5)
+    fm, fm_ablation = vqgan.get_config("fashion_mnist"), vqgan.get_config("fashion_mnist_fm")
+    assert (fm.loss.perceptual_weight, fm.loss.feature_matching_weight) == (1.0, 0.0)
+    assert (fm_ablation.loss.perceptual_weight, fm_ablation.loss.feature_matching_weight) == (0, 1)
+    fm.loss.update(perceptual_weight=0.0, feature_matching_weight=1.0)
+    assert fm.to_dict() == fm_ablation.to_dict()  # otherwise the same recipe
+
+
 def test_missing_lpips_weights_fail_at_start_with_the_fix(tmp_path):
     config = vqgan.get_config("tiny")
     config.loss.update(perceptual_weight=1.0, lpips_weights=str(tmp_path / "none.npz"))

@@ -253,7 +253,10 @@ def validate_config(config: mlc.ConfigDict) -> None:
 
 
 def _lpips_params(path: str) -> dict:
-    """The LPIPS weights at config.loss.lpips_weights; a missing or wrong file is a UserError."""
+    """The LPIPS weights at config.loss.lpips_weights ("" means `lpips.default_weights_path()`:
+    $VQ_JAX_LPIPS_WEIGHTS or ~/.cache/vq_jax/lpips_vgg16.npz); a missing or wrong file is a
+    UserError that says how to make it."""
+    path = path or lpips.default_weights_path()
     try:
         return lpips.load_lpips_params(path)
     except FileNotFoundError as e:
