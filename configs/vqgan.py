@@ -13,10 +13,16 @@ import ml_collections as mlc
 
 from configs import vqvae
 
+VARIANTS = (*vqvae.VARIANTS, "fashion_mnist_fm")
+
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     """Returns the VQGAN config for the named variant."""
     variant = arg or "default"
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"Unknown variant {variant!r} for configs/vqgan.py; use one of {VARIANTS}."
+        )
     c = vqvae.get_config("fashion_mnist" if variant == "fashion_mnist_fm" else arg)
     c.unlock()
 
