@@ -59,12 +59,12 @@ class Scorer:
 
     def add(self, name: str, images: np.ndarray, truth: np.ndarray) -> None:
         x, y = _float(truth), _float(images)
-        s = self.sums.setdefault(name, {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0})
+        # SSIM is left out below its 11x11 window, never NaN
+        ssim0 = {"ssim": 0.0} if metrics.ssim_defined(x.shape) else {}
+        s = self.sums.setdefault(name, {"psnr": 0.0, "lpips": 0.0, **ssim0})
         s["psnr"] += float(np.sum(np.asarray(metrics.psnr(x, y)), dtype=np.float64))
-        if metrics.ssim_defined(x.shape):
+        if "ssim" in s:
             s["ssim"] += float(np.sum(np.asarray(metrics.ssim(x, y)), dtype=np.float64))
-        else:
-            s.pop("ssim", None)  # left out below 11x11 pixels, never NaN
         if self.lpips_fn is not None:
             s["lpips"] += float(np.sum(np.asarray(self.lpips_fn(x, y)), dtype=np.float64))
         if self.inception:

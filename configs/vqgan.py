@@ -53,8 +53,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         c.discriminator.update(ndf=32, n_layers=2, num_groups=8)
         c.loss.update(perceptual_weight=1.0, feature_matching_weight=0.0, disc_weight=0.5)
         c.loss.disc_start = 500
-    if variant == "fashion_mnist_fm":  # the weight-free ablation: feature matching, no LPIPS
-        c.loss.update(perceptual_weight=0.0, feature_matching_weight=1.0)
+        if variant == "fashion_mnist_fm":  # the weight-free ablation: feature matching, no LPIPS
+            c.loss.update(perceptual_weight=0.0, feature_matching_weight=1.0)
     elif variant == "tiny":
         c.discriminator.update(ndf=8, n_layers=2, num_groups=4)
         c.loss.update(
