@@ -135,3 +135,39 @@ def test_gfid_plumbing(workdir, monkeypatch):
     assert r["gfid_num_samples"] == 8 and r["gfid_num_reference"] == 4 and r["class_balanced"]
     want = metrics.fid(ref, samples, weights=INCEPTION, batch_size=4)
     np.testing.assert_allclose(r["gfid"], want, rtol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_INCEPTION, reason=f"no FID Inception weights at {INCEPTION}")
+def test_prior_sweep_rows(workdir, monkeypatch, tmp_path):
+    """benchmarks.prior_sweep: one row per setting (MaskGIT steps swept for MaskGIT only), the
+    same seeds for every setting, and each gFID equal to metrics.fid of that setting's samples."""
+    from benchmarks import prior_sweep
+
+    assert prior_sweep.settings_grid("autoregressive", [1.0], [0, 2], [4, 8]) == [
+        {"temperature": 1.0, "cfg_scale": 0},
+        {"temperature": 1.0, "cfg_scale": 2},
+    ]
+    tok = api.load(workdir)
+    split = np.concatenate([u8 for u8, _, _ in api.iterate_split(tok, "test", num=12)])
+    ref, samples = split[:4], split[4:12][::-1]
+    stub = StubPrior(tok, samples)
+    stub.comps.kind = "maskgit"
+    stub.config.sampling.maskgit_steps = 8
+    monkeypatch.setattr(api, "load_prior", lambda path: stub)
+    rows = prior_sweep.sweep(
+        ["P"], ["M"], temperatures=[0.5], cfg_scales=[0.0, 2.0], maskgit_steps=[4],
+        num_samples=4, num_reference=4, batch_size=4, seed=3, inception_weights=INCEPTION,
+    )  # fmt: skip
+    want_overrides = [{"temperature": 0.5, "cfg_scale": c, "maskgit_steps": 4} for c in (0.0, 2.0)]
+    assert [c[3] for c in stub.calls] == want_overrides
+    assert [c[:3] for c in stub.calls] == [(4, [0, 1, 2, 3], 3)] * 2
+    assert [r["sampling"]["maskgit_steps"] for r in rows] == [4, 4]
+    assert [r["cfg_scale"] for r in rows] == [0.0, 2.0]
+    for r, part in zip(rows, (samples[:4], samples[4:]), strict=True):
+        want = metrics.fid(ref, part, weights=INCEPTION, batch_size=4)
+        np.testing.assert_allclose(r["gfid"], want, rtol=1e-6)
+        assert r["gfid_num_samples"] == 4 and r["gfid_num_reference"] == 4
+    table = prior_sweep.markdown_table(rows)
+    assert table.count("\n") == 4 and "| M | 0.5 | 2 | 4 |" in table
+    prior_sweep.plot(rows, str(tmp_path / "sweep.png"))
+    assert os.path.getsize(tmp_path / "sweep.png") > 1000

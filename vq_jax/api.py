@@ -308,6 +308,15 @@ def token_mask_from_pixels(pixel_mask: np.ndarray, factor: int) -> np.ndarray:
     return pixel_mask.reshape(n, h // factor, factor, w // factor, factor).any(axis=(2, 4))
 
 
+def resolve_sampling(sampling: mlc.ConfigDict, overrides: dict[str, Any]) -> mlc.ConfigDict:
+    """A copy of a prior's config.sampling with the overrides that are not None."""
+    sc = sampling.copy_and_resolve_references()
+    for k, v in overrides.items():
+        if v is not None:
+            sc[k] = v
+    return sc
+
+
 @dataclasses.dataclass
 class Prior:
     """A trained prior and the tokenizer whose tokens it models: generation, inpainting and
@@ -358,10 +367,7 @@ class Prior:
         tokenizer's. Grids with a depth axis are sampled as one sequence, raster order with depth
         fastest."""
         check_num(num)
-        sc = self.config.sampling.copy_and_resolve_references()
-        for k, v in overrides.items():
-            if v is not None:
-                sc[k] = v
+        sc = resolve_sampling(self.config.sampling, overrides)
         validate.check_sampling(sc)
         key = jax.random.key(seed)
         lab = self._labels(num, labels)

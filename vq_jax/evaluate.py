@@ -179,10 +179,16 @@ def split_statistics(
     path = stats_cache_path(stats_dir, tok.config, split, n) if stats_dir else None
 
     def compute():
-        batches = (
-            metrics.to_uint8(x[keep]) for x, keep in _split_batches(tok, split, batch_size, n)
-        )
-        return fid_lib.statistics_of(batches, weights=inception_weights, batch_size=batch_size)
+        progress = metrics.ProgressLine(f"Inception statistics of {split}:", n, "images")
+
+        def batches():
+            done = 0
+            for x, keep in _split_batches(tok, split, batch_size, n):
+                progress.update(done)
+                done += int(keep.sum())
+                yield metrics.to_uint8(x[keep])
+
+        return fid_lib.statistics_of(batches(), weights=inception_weights, batch_size=batch_size)
 
     return fid_lib.cached_statistics(path, compute)
 
@@ -216,9 +222,51 @@ def evaluate_prior(
         stats_dir=stats_dir,
         num=num_reference,
     )
+    acc, batch_seconds = sample_statistics(
+        prior,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        seed=seed,
+        inception_weights=inception_weights,
+        **sampling,
+    )
+    return {
+        "prior_workdir": prior_workdir,
+        "step": prior.step,
+        "kind": prior.comps.kind,
+        "split": split,
+        "gfid": fid_lib.frechet_distance(mu_r, sigma_r, *acc.statistics()),
+        "gfid_num_samples": num_samples,
+        "gfid_num_reference": n_ref,
+        "class_balanced": bool(prior.num_classes),
+        "sampling": sampling_settings(prior, sampling),
+        "seed": seed,
+        # sampling + decoding; the first batch includes compilation, so the per-image time is
+        # over the later full batches when there are any
+        "sample_seconds": sum(t for _, t in batch_seconds),
+        "sample_seconds_per_image": per_image_seconds(batch_seconds, batch_size),
+        "inception_weights": inception_weights,
+        "seconds": time.time() - t0,
+    }
+
+
+def sample_statistics(
+    prior: Any,
+    *,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    inception_weights: str,
+    **sampling: Any,
+) -> tuple[fid_lib.StatsAccumulator, list[tuple[int, float]]]:
+    """Inception statistics of `num_samples` samples of `prior` (class-balanced when
+    conditional: sample i has class i mod num_classes; batch j uses seed + j), and the
+    (images, seconds) of sampling + decoding each batch."""
     acc = fid_lib.StatsAccumulator()
     batch_seconds: list[tuple[int, float]] = []
+    progress = metrics.ProgressLine("gFID samples:", num_samples, "images")
     for i, start in enumerate(range(0, num_samples, batch_size)):
+        progress.update(start)
         b = min(batch_size, num_samples - start)
         labels = None
         if prior.num_classes:
@@ -229,31 +277,15 @@ def evaluate_prior(
         acc.add(
             fid_lib.inception_features(images, weights=inception_weights, batch_size=batch_size)
         )
-    sc = prior.config.sampling.copy_and_resolve_references()
-    for k, v in sampling.items():
-        if v is not None:
-            sc[k] = v
-    return {
-        "prior_workdir": prior_workdir,
-        "step": prior.step,
-        "kind": prior.comps.kind,
-        "split": split,
-        "gfid": fid_lib.frechet_distance(mu_r, sigma_r, *acc.statistics()),
-        "gfid_num_samples": num_samples,
-        "gfid_num_reference": n_ref,
-        "class_balanced": bool(prior.num_classes),
-        "sampling": sc.to_dict(),
-        "seed": seed,
-        # sampling + decoding; the first batch includes compilation, so the per-image time is
-        # over the later full batches when there are any
-        "sample_seconds": sum(t for _, t in batch_seconds),
-        "sample_seconds_per_image": _per_image(batch_seconds, batch_size),
-        "inception_weights": inception_weights,
-        "seconds": time.time() - t0,
-    }
+    return acc, batch_seconds
 
 
-def _per_image(batch_seconds: list[tuple[int, float]], batch_size: int) -> float:
+def sampling_settings(prior: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The prior's config.sampling with the given (non-None) overrides: what was sampled with."""
+    return api.resolve_sampling(prior.config.sampling, overrides).to_dict()
+
+
+def per_image_seconds(batch_seconds: list[tuple[int, float]], batch_size: int) -> float:
     warm = [(b, t) for b, t in batch_seconds[1:] if b == batch_size] or batch_seconds
     return sum(t for _, t in warm) / max(sum(b for b, _ in warm), 1)
 
