@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -148,21 +147,16 @@ def cached_tokens(
     labels = np.zeros((len(source),), np.int32)
     rows = np.arange(global_bs)
     owner, row = np.divmod(rows, local_bs)  # row r of a global batch: process `owner`'s row
-    t0 = time.time()
-    progress = metrics.ProgressLine(f"tokenizing {split}:", len(batches), "batches")
+    if is_main:  # one line now, then a progress line every 10 s
+        print(f"tokenizing {split}: {len(source)} images", flush=True)
+    progress = metrics.ProgressLine(f"tokenizing {split}:", len(source), "images")
     for j, batch in enumerate(batches):
-        progress.update(j)
+        progress.update(min(j * global_bs, len(source)))
         out = jax.device_get(encode(tok.variables, to_global(batch, sharding)))
         index = owner + (j * local_bs + row) * pcount  # make_eval_batches' example order
         keep = out["mask"] > 0
         tokens[index[keep]] = out["tokens"][keep]
         labels[index[keep]] = out["label"][keep]
-        if is_main and j % 10 == 0:
-            print(
-                f"tokenizing {split}: {min((j + 1) * global_bs, len(source))} images "
-                f"({time.time() - t0:.0f} s)",
-                flush=True,
-            )
     if is_main:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp.npz"
