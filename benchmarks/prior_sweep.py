@@ -11,8 +11,10 @@ sampling time per image, where the faster prior at equal gFID is the one further
       --names=GPT,MaskGIT --temperatures=0.8,1.0 --cfg_scales=0,1,3 --num_samples=1000 \\
       --out=docs/fashion_mnist_prior_sweep
 
-Measure the best setting of each prior at N = 10000 with `python -m vq_jax.evaluate`: FID
-depends on N, so compare the sweep's numbers only with each other.
+--append adds settings to an existing OUT (a row with the same prior, settings and N is
+replaced) and redraws it. Measure the best setting of each prior at N = 10000 with
+`python -m vq_jax.evaluate`: FID depends on N, so compare the sweep's numbers only with each
+other.
 """
 
 from __future__ import annotations
@@ -104,6 +106,17 @@ def sweep(
     return rows
 
 
+def setting_key(r: dict[str, Any]) -> tuple:
+    """What identifies a row: the prior, the sampled settings and N."""
+    return (r["prior_workdir"], json.dumps(r["sampling"], sort_keys=True), r["gfid_num_samples"])
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`old` rows then `new` ones; a new row replaces an old one with the same setting_key."""
+    keys = {setting_key(r) for r in new}
+    return [r for r in old if setting_key(r) not in keys] + new
+
+
 def _setting_text(r: dict[str, Any]) -> str:
     s = f"T={r['temperature']:g} cfg={r['cfg_scale']:g}"
     return s + (f" steps={r['maskgit_steps']}" if "maskgit_steps" in r else "")
@@ -180,6 +193,7 @@ def _define_flags() -> None:
     f.DEFINE_string("inception_weights", None, "FID Inception .npz.")
     f.DEFINE_string("stats_dir", evaluate_lib.default_stats_dir(), "Split statistics cache.")
     f.DEFINE_string("out", None, "Output prefix: OUT.json, OUT.md, OUT.png.")
+    f.DEFINE_bool("append", False, "Add the rows to OUT.json (same setting: replaced).")
     f.mark_flags_as_required(["prior_workdirs", "out"])
 
 
@@ -216,6 +230,9 @@ def main(argv: list[str]) -> None:
     except UserError as e:
         errors.exit_with("prior_sweep", e)
     os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+    if f.append and os.path.isfile(f.out + ".json"):
+        with open(f.out + ".json") as fh:
+            rows = merge_rows(json.load(fh)["rows"], rows)
     with open(f.out + ".json", "w") as fh:
         json.dump({"rows": rows}, fh, indent=2)
     table = markdown_table(rows)

@@ -169,5 +169,11 @@ def test_prior_sweep_rows(workdir, monkeypatch, tmp_path):
         assert r["gfid_num_samples"] == 4 and r["gfid_num_reference"] == 4
     table = prior_sweep.markdown_table(rows)
     assert table.count("\n") == 4 and "| M | 0.5 | 2 | 4 |" in table
+    # --append: a repeated setting replaces its row, a new one is added after the old rows
+    again = [dict(rows[1], gfid=-1.0), dict(rows[0], cfg_scale=5.0, sampling={"cfg_scale": 5.0})]
+    merged = prior_sweep.merge_rows(rows, again)
+    assert [(r["cfg_scale"], r["gfid"]) for r in merged] == [
+        (0.0, rows[0]["gfid"]), (2.0, -1.0), (5.0, rows[0]["gfid"])
+    ]  # fmt: skip
     prior_sweep.plot(rows, str(tmp_path / "sweep.png"))
     assert os.path.getsize(tmp_path / "sweep.png") > 1000

@@ -3,7 +3,7 @@ whole split, and a prior's gFID; prints them and writes JSON.
 
   python -m vq_jax.evaluate --workdir=W [--split=test] [--num=N] [--out=W/eval/evaluate.json]
   python -m vq_jax.evaluate --prior_workdir=P [--num_samples=10000] [--num_reference=N]
-      [--temperature=T] [--top_k=K] [--top_p=P] [--cfg_scale=S] [--seed=S]
+      [--temperature=T] [--top_k=K] [--top_p=P] [--cfg_scale=S] [--maskgit_steps=S] [--seed=S]
 
 Reconstruction metrics compare the tokenizer's input (the split preprocessed as training reads
 it, e.g. Fashion-MNIST padded to 32x32) with its clipped reconstruction: PSNR / SSIM on floats in
@@ -363,6 +363,7 @@ def _main(argv: list[str]) -> None:
             top_k=f.top_k,
             top_p=f.top_p,
             cfg_scale=f.cfg_scale,
+            maskgit_steps=f.maskgit_steps,
         )
         out = f.out or os.path.join(f.prior_workdir, "eval", f"gfid_{f.split}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -388,6 +389,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("top_k", None, "Override config.sampling.top_k.")
     flags.DEFINE_float("top_p", None, "Override config.sampling.top_p.")
     flags.DEFINE_float("cfg_scale", None, "Override config.sampling.cfg_scale.")
+    flags.DEFINE_integer("maskgit_steps", None, "Override config.sampling.maskgit_steps.")
     flags.DEFINE_bool("fid", True, "Measure rFID / gFID (needs --inception_weights).")
     flags.DEFINE_bool("lpips", True, "Measure LPIPS (needs --lpips_weights).")
     flags.DEFINE_string("inception_weights", None, "FID Inception .npz (default: cache path).")
