@@ -42,6 +42,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", None, "Override config.sampling
 _TOP_K = flags.DEFINE_integer("top_k", None, "Override config.sampling.top_k.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Override config.sampling.top_p.")
 _CFG = flags.DEFINE_float("cfg_scale", None, "Override config.sampling.cfg_scale.")
+_MG_STEPS = flags.DEFINE_integer(
+    "maskgit_steps", None, "Override config.sampling.maskgit_steps.", lower_bound=1
+)
 _MODE = flags.DEFINE_enum("mode", "reconstruct", MODES, "What to do.")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split for reconstruct / encode.")
 _NUM = flags.DEFINE_integer(
@@ -165,7 +168,11 @@ def parse_box(box: list[str], h: int, w: int) -> tuple[int, int, int, int]:
 
 def run_prior(mode: str, prior: api.Prior) -> None:
     overrides = dict(
-        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, cfg_scale=_CFG.value
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        cfg_scale=_CFG.value,
+        maskgit_steps=_MG_STEPS.value,
     )
     tok = prior.tokenizer
     if mode == "upsample":

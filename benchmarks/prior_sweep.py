@@ -130,10 +130,21 @@ def _row_text(r: dict[str, Any]) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per row, by prior (first seen first), temperature, CFG scale and steps."""
     lines = [
         "| prior | temperature | CFG scale | MaskGIT steps | gFID (N) | sampling ms / image |",
         "|---|---|---|---|---|---|",
     ]
+    order = {n: i for i, n in enumerate(dict.fromkeys(r["name"] for r in rows))}
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            order[r["name"]],
+            r["temperature"],
+            r["cfg_scale"],
+            r["sampling"].get("maskgit_steps", 0),
+        ),
+    )
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['temperature']:g} | {r['cfg_scale']:g} | "

@@ -116,11 +116,16 @@ def test_sample_py_generate_and_inpaint(prior_workdir, tmp_path):
         "--mode=generate",
         "--num=6",
         "--seed=2",
+        "--temperature=0.7",
+        "--maskgit_steps=2",
         f"--out={out}",
     )
+    # the sampling flags reach the sampler: the same tokens as the API with those overrides
+    want = api.load_prior(prior_workdir).generate(6, seed=2, temperature=0.7, maskgit_steps=2)[1]
     with np.load(out) as f:
         assert f["images"].shape == (6, 16, 16, 1) and f["images"].dtype == np.uint8
         assert f["tokens"].shape == (6, 8, 8)
+        np.testing.assert_array_equal(f["tokens"], want)
         np.testing.assert_array_equal(f["labels"], np.arange(6) % 10)
     assert os.path.exists(str(tmp_path / "gen.png"))
     out = str(tmp_path / "inp.npz")
