@@ -70,6 +70,31 @@ def test_evaluate_equals_the_trainers_evaluation(workdir, tmp_path):
     np.testing.assert_allclose(r["rfid"], trainer["rfid"], rtol=1e-4)
     assert "rFID" in evaluate._summary(r) and "(N = 8)" in evaluate._summary(r)
     assert len(os.listdir(stats)) == 1  # the split's statistics, cached
+    assert "rfid_reference" not in r
+
+
+def test_repeat_evaluation_reuses_the_inputs_statistics(workdir, tmp_path, monkeypatch):
+    """A second evaluation with the same stats_dir sends only the reconstructions through
+    Inception (the inputs' statistics come from the cache) and gives the same rFID."""
+    if not HAVE_INCEPTION:
+        pytest.skip(f"no Inception weights at {INCEPTION} (CI makes them)")
+    calls = []
+    real_features = fid.inception_features
+    monkeypatch.setattr(
+        evaluate.fid_lib,
+        "inception_features",
+        lambda u8, **kw: calls.append(len(u8)) or real_features(u8, **kw),
+    )
+    kw = dict(split="test", num=8, batch_size=4, inception_weights=INCEPTION, lpips_weights=None)
+    first = evaluate.evaluate_tokenizer(workdir, stats_dir=str(tmp_path), **kw)
+    assert sum(calls) == 16 and "rfid_reference" not in first  # inputs + reconstructions
+    calls.clear()
+    again = evaluate.evaluate_tokenizer(workdir, stats_dir=str(tmp_path), **kw)
+    assert sum(calls) == 8  # the reconstructions only
+    assert again["rfid_reference"] == evaluate.stats_cache_path(
+        str(tmp_path), api.load(workdir).config, "test", 8
+    )
+    np.testing.assert_allclose(again["rfid"], first["rfid"], rtol=1e-4)
 
 
 def test_bad_weight_paths_name_the_fix(workdir, tmp_path):

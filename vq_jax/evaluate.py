@@ -52,6 +52,12 @@ def stats_cache_path(stats_dir: str, config: Any, split: str, num: int) -> str:
     )
 
 
+def _split_size(tok: api.Tokenizer, split: str, num: int | None) -> int:
+    """How many images `num` (None: all) selects from the split."""
+    source, _ = api.split_source(tok, split)
+    return len(source) if num is None else min(num, len(source))
+
+
 def _split_batches(tok: api.Tokenizer, split: str, batch_size: int, num: int | None):
     """(float images [B, H, W, C] of fixed shape, bool keep [B]) over the split (first `num`)."""
     source, preprocess_fn = api.split_source(tok, split)
@@ -112,6 +118,14 @@ def evaluate_tokenizer(
             u8, weights=inception_weights, batch_size=batch_size
         )
     real_acc, fake_acc = fid_lib.StatsAccumulator(), fid_lib.StatsAccumulator()
+    # The inputs' Inception statistics depend only on the split: reuse the cached ones (written
+    # by an earlier evaluation or gFID run), which halves the Inception work of a repeat run.
+    real_cache = None
+    if features is not None and stats_dir:
+        real_cache = stats_cache_path(stats_dir, tok.config, split, _split_size(tok, split, num))
+    cached_real = (
+        fid_lib.load_statistics(real_cache) if real_cache and os.path.isfile(real_cache) else None
+    )
     counts = np.zeros(tok.codebook_size, np.float64)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     n = 0
@@ -127,7 +141,8 @@ def evaluate_tokenizer(
             d = np.asarray(lpips_fn(jnp.asarray(x), jnp.asarray(out["recon"])))
             sums["lpips"] += float(np.sum(d[keep], dtype=np.float64))
         if features is not None:
-            real_acc.add(features(metrics.to_uint8(x[keep])))
+            if cached_real is None:
+                real_acc.add(features(metrics.to_uint8(x[keep])))
             fake_acc.add(features(metrics.to_uint8(out["recon"][keep])))
         n += int(keep.sum())
     if n == 0:
@@ -151,12 +166,19 @@ def evaluate_tokenizer(
     if features is not None:
         if n < 2:
             raise UserError(f"rFID needs at least 2 images, got --num={n}")
-        real = real_acc.statistics()
-        if stats_dir:  # the split's statistics, for gFID and later runs
-            path = stats_cache_path(stats_dir, tok.config, split, n)
-            if not os.path.isfile(path):
-                fid_lib.save_statistics(path, *real, n)
-        result["rfid"] = real_acc.frechet_distance(fake_acc)
+        if cached_real is not None:
+            mu, sigma, n_cached = cached_real
+            if n_cached != n:
+                raise UserError(
+                    f"cached statistics {real_cache} hold N = {n_cached}, not {n}; delete the "
+                    "file to recompute it"
+                )
+            result["rfid"] = fid_lib.frechet_distance(mu, sigma, *fake_acc.statistics())
+            result["rfid_reference"] = real_cache
+        else:
+            if real_cache:  # the split's statistics, for gFID and later runs
+                fid_lib.save_statistics(real_cache, *real_acc.statistics(), n)
+            result["rfid"] = real_acc.frechet_distance(fake_acc)
         result["rfid_num"] = n
         result["inception_weights"] = inception_weights
     result["seconds"] = time.time() - t0
@@ -174,8 +196,7 @@ def split_statistics(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Inception (mu, sigma, N) of the split (its first `num` images; default all) as the
     tokenizer sees it; cached in stats_dir."""
-    source, _ = api.split_source(tok, split)
-    n = len(source) if num is None else min(num, len(source))
+    n = _split_size(tok, split, num)
     path = stats_cache_path(stats_dir, tok.config, split, n) if stats_dir else None
 
     def compute():
