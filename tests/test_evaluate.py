@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from subproc import run_script, train_args
 
+from benchmarks import tokenizer_report
 from configs import vqvae
 from vq_jax import api, evaluate, fid, metrics, trainer
+from vq_jax.errors import UserError
 from vq_jax.nets import lpips as lpips_lib
 
 INCEPTION = fid.default_weights_path()
@@ -202,3 +204,30 @@ def test_prior_sweep_rows(workdir, monkeypatch, tmp_path):
     ]  # fmt: skip
     prior_sweep.plot(rows, str(tmp_path / "sweep.png"))
     assert os.path.getsize(tmp_path / "sweep.png") > 1000
+
+
+def test_tokenizer_report_table(workdir, tmp_path):
+    """benchmarks.tokenizer_report: the evaluate JSON's rFID / LPIPS reach the table, and the
+    train tokens/s is the median logged steps/s x batch x tokens per image."""
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"rfid": 12.345, "rfid_num": 8, "lpips": 0.1234}))
+    out = str(tmp_path / "report" / "cmp")
+    rows = tokenizer_report.report([workdir, workdir], ["a", "b"], out, num=4, evals=[str(ev), ""])
+    tok = api.load(workdir)
+    u8, _, _ = next(api.iterate_split(tok, "test", num=2))
+    tokens_per_image = np.prod(tok.encode(u8).shape[1:])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rates = [r["train/steps_per_sec"] for r in map(json.loads, f) if "train/steps_per_sec" in r]
+    want = np.median(rates) * tok.config.input.batch_size * tokens_per_image
+    np.testing.assert_allclose(rows[0]["tokens_per_sec"], want, rtol=1e-9)
+    assert rows[0]["rfid"] == 12.345 and "rfid" not in rows[1]
+    table = open(out + ".md").read().splitlines()
+    assert (
+        len(table) == 4 and "| 12.35 (8) | 0.1234 |" in table[2] and table[3].endswith("| - | - |")
+    )
+    for suffix in ("_grid.png", "_curves.png", "_bars.png"):
+        assert os.path.getsize(out + suffix) > 0
+    with pytest.raises(UserError, match="--evals"):
+        tokenizer_report.report([workdir], ["a"], out, evals=[str(tmp_path / "none.json")])
+    with pytest.raises(UserError, match="one entry per workdir"):
+        tokenizer_report.report([workdir], ["a", "b"], out)
