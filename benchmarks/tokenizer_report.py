@@ -1,6 +1,7 @@
 """Compares trained tokenizers: a markdown table of their final test-set evaluation, a grid of
 the same test images reconstructed by each, their training curves, and bars of codebook usage
-(and rFID / LPIPS where `vq_jax.evaluate` JSONs are given).
+(and rFID / LPIPS where `vq_jax.evaluate` JSONs are given). A residual-VQ tokenizer's usage is
+the mean of its stages' usages (each stage's codebook counted on its own), the stages listed.
 
   python -m benchmarks.tokenizer_report --workdirs=/tmp/fm_vqvae,/tmp/fm_vqgan \\
       --names=VQ-VAE,VQGAN --out=docs/fashion_mnist [--evals=E1.json,E2.json]
@@ -109,7 +110,7 @@ def plot_bars(names: list[str], table_rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("usage", "codebook usage (test)")]
+    keys = [("usage", "codebook usage (test; residual VQ: mean of the stages)")]
     keys += [
         (k, t) for k, t in (("rfid", "rFID"), ("lpips", "LPIPS")) if any(k in r for r in table_rows)
     ]
@@ -156,7 +157,12 @@ def report(
         rows_by_name[name] = rows
         tok = vq_jax.load(workdir, ev["step"])
         tps = train_tokens_per_sec(rows, tok.config, tok.token_shape)
-        row = {"name": name, "usage": ev["codebook_usage"], "tokens_per_sec": tps}
+        stages = metrics.stage_usages(ev)  # residual VQ: each stage's own codebook
+        usage = float(np.mean(stages)) if stages else ev["codebook_usage"]
+        row = {"name": name, "usage": usage, "tokens_per_sec": tps}
+        usage_cell = f"{ev['codebook_usage']:.3f}"
+        if stages:
+            usage_cell = f"{usage:.3f} (stages {' / '.join(f'{u:.3f}' for u in stages)})"
         rfid = lpips = "-"
         if "rfid" in extra:
             row["rfid"] = extra["rfid"]
@@ -167,7 +173,7 @@ def report(
         table_rows.append(row)
         lines.append(
             f"| {name} | {ev['step']} | {wall_minutes(rows, ev['step']):.1f} | {tps:,.0f} | "
-            f"{ev['psnr']:.2f} | {metrics.ssim_text(ev)} | {ev['codebook_usage']:.3f} | "
+            f"{ev['psnr']:.2f} | {metrics.ssim_text(ev)} | {usage_cell} | "
             f"{ev['codes_used']} | {ev['codebook_perplexity']:.1f} | {rfid} | {lpips} |"
         )
         u8, _, _ = next(api.iterate_split(tok, tok.config.input.eval_split, num=num))

@@ -1,6 +1,7 @@
 """Tokens with a depth axis (residual VQ) downstream: encode / decode / evaluate, the token cache,
 and a prior over them (depth flattened into the sequence, raster order with depth fastest)."""
 
+import json
 import os
 
 import chex
@@ -10,7 +11,7 @@ import pytest
 import vq_jax
 from configs import prior as prior_configs
 from configs import vqvae
-from vq_jax import api, steps, trainer
+from vq_jax import api, metrics, steps, trainer
 
 DEPTH = 2
 
@@ -59,6 +60,46 @@ def test_depth_tokenizer_encodes_decodes(rvq_workdir):
     chex.assert_shape(decoded, images.shape)
     with pytest.raises(vq_jax.UserError, match=r"decodes \[N, 8, 8, 2\]"):
         tok.decode(tokens[..., 0])
+
+
+def test_evaluation_counts_each_stage(rvq_workdir):
+    """vq_jax.evaluate's per-stage usage equals the codes counted in tok.encode's stage s."""
+    from vq_jax import evaluate
+
+    r = evaluate.evaluate_tokenizer(
+        rvq_workdir, num=6, batch_size=4, inception_weights=None, lpips_weights=None
+    )
+    tok = vq_jax.load(rvq_workdir)
+    images = np.concatenate([u8 for u8, _, _ in api.iterate_split(tok, "test", num=6)])
+    tokens = tok.encode(images)
+    used = [len(np.unique(tokens[..., s])) for s in range(DEPTH)]
+    assert [r[f"codes_used_stage{s}"] for s in range(DEPTH)] == used
+    np.testing.assert_allclose(metrics.stage_usages(r), np.array(used) / tok.codebook_size)
+    assert r["codes_used"] == len(np.unique(tokens))  # pooled over the stages
+    assert "per stage" in evaluate._summary(r)
+    # the trainer's evaluation (its eval batches, sharded) counts the same way
+    with open(os.path.join(rvq_workdir, "eval", "step_2.json")) as f:
+        by_trainer = json.load(f)
+    n = by_trainer["num_examples"]
+    whole = evaluate.evaluate_tokenizer(
+        rvq_workdir, num=n, inception_weights=None, lpips_weights=None
+    )
+    assert whole["num_images"] == n
+    for key in ("codes_used", "codes_used_stage0", "codes_used_stage1"):
+        assert whole[key] == by_trainer[key], key
+
+
+def test_tokenizer_report_counts_stages(rvq_workdir, tmp_path):
+    from benchmarks import tokenizer_report
+
+    with open(os.path.join(rvq_workdir, "eval", "step_2.json")) as f:
+        by_trainer = json.load(f)
+    k = vq_jax.load(rvq_workdir).codebook_size
+    stages = [by_trainer[f"codes_used_stage{s}"] / k for s in range(DEPTH)]
+    (row,) = tokenizer_report.report([rvq_workdir], ["rvq"], str(tmp_path / "r"), num=2)
+    assert row["usage"] == pytest.approx(np.mean(stages))
+    table = (tmp_path / "r.md").read_text()
+    assert f"(stages {stages[0]:.3f} / {stages[1]:.3f})" in table
 
 
 @pytest.mark.slow

@@ -126,7 +126,9 @@ def evaluate_tokenizer(
     cached_real = (
         fid_lib.load_statistics(real_cache) if real_cache and os.path.isfile(real_cache) else None
     )
-    counts = np.zeros(tok.codebook_size, np.float64)
+    # Tokens with a depth axis (residual VQ): one histogram per stage (metrics.usage_summary).
+    depth = int(np.prod(tok.token_shape[2:]))
+    stage_counts = np.zeros((depth, tok.codebook_size), np.float64)
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     n = 0
     progress = metrics.ProgressLine(f"evaluate {split}:", None, "images")
@@ -136,7 +138,9 @@ def evaluate_tokenizer(
         sums["psnr"] += float(np.sum(out["psnr"][keep], dtype=np.float64))
         if "ssim" in out:
             sums["ssim"] += float(np.sum(out["ssim"][keep], dtype=np.float64))
-        counts += np.bincount(out["indices"][keep].reshape(-1), minlength=tok.codebook_size)
+        idx = out["indices"][keep].reshape(-1, depth)
+        for stage in range(depth):
+            stage_counts[stage] += np.bincount(idx[:, stage], minlength=tok.codebook_size)
         if lpips_fn is not None:
             d = np.asarray(lpips_fn(jnp.asarray(x), jnp.asarray(out["recon"])))
             sums["lpips"] += float(np.sum(d[keep], dtype=np.float64))
@@ -147,16 +151,13 @@ def evaluate_tokenizer(
         n += int(keep.sum())
     if n == 0:
         raise UserError(f"split={split!r} of the tokenizer's dataset has no images")
-    stats = metrics.codebook_stats(jnp.asarray(counts, jnp.float32))
     result: dict[str, Any] = {
         "workdir": workdir,
         "step": tok.step,
         "split": split,
         "num_images": n,
         "psnr": sums["psnr"] / n,
-        "codebook_usage": float(stats["usage"]),
-        "codebook_perplexity": float(stats["perplexity"]),
-        "codes_used": int(np.sum(counts > 0)),
+        **metrics.usage_summary(stage_counts),
     }
     if metrics.ssim_defined((1, *tok.image_shape)):
         result["ssim"] = sums["ssim"] / n
@@ -328,6 +329,8 @@ def _summary(r: dict[str, Any]) -> str:
         f"SSIM {metrics.ssim_text(r)}",
         f"codebook usage {r['codebook_usage']:.3f} ({r['codes_used']} codes)",
     ]
+    if stages := metrics.stage_usages(r):
+        parts.append("per stage " + " / ".join(f"{u:.3f}" for u in stages))
     return " | ".join(parts)
 
 

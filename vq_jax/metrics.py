@@ -128,6 +128,34 @@ def codebook_stats(counts: jax.Array) -> dict[str, jax.Array]:
     return {"perplexity": perplexity, "usage": usage}
 
 
+def usage_summary(stage_counts: Any) -> dict[str, Any]:
+    """The evaluation's codebook fields from per-stage histograms [depth, K] (depth 1 for one
+    token per position): usage, perplexity and codes used of the histogram pooled over the
+    stages, and for depth > 1 the usage and codes used of each stage (residual VQ's stages with
+    separate codebooks are separate vocabularies, which the pooled figures merge)."""
+    counts = np.asarray(stage_counts, np.float64)
+    pooled = codebook_stats(jnp.asarray(counts.sum(axis=0), jnp.float32))
+    out: dict[str, Any] = {
+        "codebook_usage": float(pooled["usage"]),
+        "codebook_perplexity": float(pooled["perplexity"]),
+        "codes_used": int(np.sum(counts.sum(axis=0) > 0)),
+    }
+    if counts.shape[0] > 1:  # scalars, so that they log like the rest
+        for s, c in enumerate(counts):
+            out[f"codebook_usage_stage{s}"] = float(np.mean(c > 0))
+            out[f"codes_used_stage{s}"] = int(np.sum(c > 0))
+    return out
+
+
+def stage_usages(result: dict[str, Any]) -> list[float]:
+    """The per-stage usages of a `usage_summary` result, in stage order ([] for depth 1)."""
+    usages, s = [], 0
+    while f"codebook_usage_stage{s}" in result:
+        usages.append(result[f"codebook_usage_stage{s}"])
+        s += 1
+    return usages
+
+
 def to_uint8(images: Any) -> np.ndarray:
     """Map float images in [-1, 1] to uint8 [0, 255] (rounded, clipped)."""
     images = np.asarray(images, dtype=np.float32)

@@ -10,6 +10,7 @@ parts the step holds, so before `disc_start` no discriminator work is traced at 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -319,10 +320,11 @@ def make_eval_step(comps: Components) -> Callable[..., Measurements]:
     """`eval_step(params, model_state, batch) -> sums` over the real (mask=1) examples.
 
     Returns per-batch sums (not means) so the trainer can reduce exactly over a whole split;
-    `code_counts` is the histogram of codebook indices.
+    `code_counts` holds the histograms of codebook indices, one per stage: [depth, K].
     """
     model = comps.model
     codebook_size = model.quantizer.codebook_size
+    depth = math.prod(getattr(model.quantizer, "index_shape", ()))
 
     def eval_step(params: Any, model_state: Any, batch: dict[str, jax.Array]) -> Measurements:
         x, mask = batch["image"], batch["mask"]
@@ -337,11 +339,12 @@ def make_eval_step(comps: Components) -> Callable[..., Measurements]:
             per_image["ssim"] = metrics.ssim(x, recon)
         sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
         sums["count"] = mask.sum()
-        # Any token shape: [B, h, w] or [B, h, w, depth] (every stage's index counted).
-        mask_tokens = jnp.broadcast_to(
-            mask.reshape(-1, *([1] * (qres.indices.ndim - 1))), qres.indices.shape
-        )
-        sums["code_counts"] = metrics.code_histogram(qres.indices, codebook_size, mask=mask_tokens)
+        # Any token shape: [B, h, w] or [B, h, w, depth]; one histogram per stage, [depth, K].
+        idx = qres.indices.reshape(qres.indices.shape[0], -1, depth)
+        weights = jnp.broadcast_to(mask.reshape(-1, 1, 1), idx.shape)
+        sums["code_counts"] = jax.vmap(
+            lambda i, w: metrics.code_histogram(i, codebook_size, mask=w), in_axes=2
+        )(idx, weights)
         return sums
 
     return eval_step

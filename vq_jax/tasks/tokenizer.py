@@ -93,10 +93,7 @@ def evaluate_split(
     totals = jax.device_get(totals)
     n = max(float(totals["count"]), 1.0)
     result = {k: float(totals[k]) / n for k in ("l1", "mse", "psnr", "ssim") if k in totals}
-    stats = metrics.codebook_stats(totals["code_counts"])
-    result["codebook_usage"] = float(stats["usage"])
-    result["codebook_perplexity"] = float(stats["perplexity"])
-    result["codes_used"] = int(np.sum(np.asarray(totals["code_counts"]) > 0))
+    result.update(metrics.usage_summary(totals["code_counts"]))
     result["num_examples"] = int(n)
     return result, first
 
@@ -268,7 +265,11 @@ def make_task(config: mlc.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> 
                 f"eval step {step}: {fid_part}psnr {result['psnr']:.2f} dB | "
                 f"ssim {metrics.ssim_text(result)} | "
                 f"codebook usage {result['codebook_usage']:.3f} ({result['codes_used']} codes) | "
-                f"perplexity {result['codebook_perplexity']:.1f}",
+                f"perplexity {result['codebook_perplexity']:.1f}"
+                + "".join(
+                    f" | stage {s} usage {u:.3f}"
+                    for s, u in enumerate(metrics.stage_usages(result))
+                ),
                 flush=True,
             )
         return result
