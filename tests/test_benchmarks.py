@@ -54,6 +54,22 @@ def test_quantizer_benchmark_rows(tmp_path):
         assert row["scratch_mib"] < row["nkd_tensor_mib"] or row["nkd_tensor_mib"] < 1
 
 
+def test_quantizer_benchmark_kinds(tmp_path):
+    """--kinds: each registered kind (rvqN = depth N) at K; fsq / lfq set their own D."""
+    r = _report(
+        tmp_path,
+        "benchmarks.quantizer",
+        "--tokens=128",
+        "--sizes=512",
+        "--dims=16",
+        "--repeats=1",
+        "--kinds=ema,fsq,lfq,rvq2",
+    )
+    got = [(row["kind"], row["codebook_size"], row["dim"]) for row in r["rows"]]
+    assert got == [("ema", 512, 16), ("fsq", 512, 3), ("lfq", 512, 9), ("rvq2", 512, 16)]
+    assert all(row["train_tokens_per_s"] > 0 for row in r["rows"])
+
+
 def test_input_pipeline_benchmark(tmp_path):
     r = _report(
         tmp_path,
