@@ -151,7 +151,8 @@ def main(argv):
                     print(
                         f"{kind:6s} {search:10s} {k:6d} {r['dim']:4d} "
                         f"{r['tokenize_tokens_per_s']:14,d} "
-                        f"{r['train_tokens_per_s']:12,d} {r['search_gflop_s'] or float('nan'):15.1f} "
+                        f"{r['train_tokens_per_s']:12,d} "
+                        f"{r['search_gflop_s'] or float('nan'):15.1f} "
                         f"{r['scratch_mib']:12.1f} {r['nkd_tensor_mib']:12.1f}",
                         flush=True,
                     )
