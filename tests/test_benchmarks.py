@@ -106,3 +106,37 @@ def test_preemption_benchmark_reports_the_exit(tmp_path):
     assert r["exit_status"] == 0 and r["signal"] == "SIGINT"
     assert r["saved_step"] >= 10 and 0 < r["seconds_to_exit"] < 60
     assert str(r["saved_step"]) in os.listdir(tmp_path / "w" / "checkpoints")
+
+
+def test_compare_quantizers_script(tmp_path):
+    """scripts/compare_quantizers.sh trains and evaluates each (kind, K) once (here one: residual
+    VQ of depth 2), then reports them all; a second call reuses the finished runs."""
+    import subprocess
+    import sys
+
+    from subproc import ROOT, script_env
+
+    env = dict(
+        script_env(1),
+        CONFIG="configs/vqvae.py:tiny",
+        EVAL_FLAGS="--nofid --nolpips",
+        PYTHON=sys.executable,
+    )
+    cmd = ["bash", "scripts/compare_quantizers.sh", str(tmp_path), "2", "64", "rvq2", "8"]
+
+    def run():
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    first = run()
+    assert first.count("== train") == 1
+    with open(tmp_path / "evals" / "rvq2-64.json") as f:
+        assert json.load(f)["num_images"] == 8
+    table = (tmp_path / "report.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| rvq2-64 | 2 |") and "(stages " in table[2]
+    assert "== train" not in run()  # finished runs are kept
+    bad = subprocess.run(
+        [*cmd[:3], "2", "100", "fsq", "8"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "no FSQ levels for K=100" in bad.stderr
