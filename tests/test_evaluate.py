@@ -77,7 +77,8 @@ def test_evaluate_equals_the_trainers_evaluation(workdir, tmp_path):
 
 def test_repeat_evaluation_reuses_the_inputs_statistics(workdir, tmp_path, monkeypatch):
     """A second evaluation with the same stats_dir sends only the reconstructions through
-    Inception (the inputs' statistics come from the cache) and gives the same rFID."""
+    Inception (the inputs' statistics come from the cache) and gives the same rFID; cached
+    statistics of other images are recomputed."""
     if not HAVE_INCEPTION:
         pytest.skip(f"no Inception weights at {INCEPTION} (CI makes them)")
     calls = []
@@ -97,6 +98,17 @@ def test_repeat_evaluation_reuses_the_inputs_statistics(workdir, tmp_path, monke
         str(tmp_path), api.load(workdir).config, "test", 8
     )
     np.testing.assert_allclose(again["rfid"], first["rfid"], rtol=1e-4)
+    # statistics that do not describe these images (other images, or a file written before
+    # the images' hash was stored) are recomputed, not used
+    path = again["rfid_reference"]
+    mu, sigma, n = fid.load_statistics(path)
+    for digest in ("0" * 64, ""):
+        fid.save_statistics(path, mu + 1.0, sigma, n, digest)
+        calls.clear()
+        fresh = evaluate.evaluate_tokenizer(workdir, stats_dir=str(tmp_path), **kw)
+        assert sum(calls) == 16 and "rfid_reference" not in fresh  # + a pass over the inputs
+        np.testing.assert_allclose(fresh["rfid"], first["rfid"], rtol=1e-4)
+        np.testing.assert_allclose(fid.load_statistics(path)[0], mu, rtol=1e-6)
 
 
 def test_bad_weight_paths_name_the_fix(workdir, tmp_path):

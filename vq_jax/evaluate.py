@@ -11,7 +11,8 @@ it, e.g. Fashion-MNIST padded to 32x32) with its clipped reconstruction: PSNR / 
 number of images, stated in the output) between the uint8 inputs and the uint8 reconstructions.
 gFID compares N samples (class-balanced for a class-conditional prior: sample i has class
 i mod num_classes) with the whole split; the split's Inception statistics are cached in
---stats_dir and reused. FID follows pytorch-fid's protocol (vq_jax/fid.py).
+--stats_dir and reused (by rFID only when the SHA-256 of the images matches the one stored).
+FID follows pytorch-fid's protocol (vq_jax/fid.py).
 
 Weights: --inception_weights and --lpips_weights (defaults ~/.cache/vq_jax/*.npz; see
 docs/lpips_weights.md for how to make them). --nofid / --nolpips skip those metrics.
@@ -19,6 +20,7 @@ docs/lpips_weights.md for how to make them). --nofid / --nolpips skip those metr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -119,13 +121,16 @@ def evaluate_tokenizer(
         )
     real_acc, fake_acc = fid_lib.StatsAccumulator(), fid_lib.StatsAccumulator()
     # The inputs' Inception statistics depend only on the split: reuse the cached ones (written
-    # by an earlier evaluation or gFID run), which halves the Inception work of a repeat run.
+    # by an earlier evaluation), which halves the Inception work of a repeat run. They are used
+    # only if the SHA-256 of this run's input images matches the one stored with them (a folder
+    # dataset's files may have changed); otherwise they are recomputed.
     real_cache = None
     if features is not None and stats_dir:
         real_cache = stats_cache_path(stats_dir, tok.config, split, _split_size(tok, split, num))
     cached_real = (
         fid_lib.load_statistics(real_cache) if real_cache and os.path.isfile(real_cache) else None
     )
+    images_hash = hashlib.sha256()
     # Tokens with a depth axis (residual VQ): one histogram per stage (metrics.usage_summary).
     depth = int(np.prod(tok.token_shape[2:]))
     stage_counts = np.zeros((depth, tok.codebook_size), np.float64)
@@ -145,8 +150,10 @@ def evaluate_tokenizer(
             d = np.asarray(lpips_fn(jnp.asarray(x), jnp.asarray(out["recon"])))
             sums["lpips"] += float(np.sum(d[keep], dtype=np.float64))
         if features is not None:
+            real_u8 = metrics.to_uint8(x[keep])
+            images_hash.update(real_u8.tobytes())
             if cached_real is None:
-                real_acc.add(features(metrics.to_uint8(x[keep])))
+                real_acc.add(features(real_u8))
             fake_acc.add(features(metrics.to_uint8(out["recon"][keep])))
         n += int(keep.sum())
     if n == 0:
@@ -167,18 +174,21 @@ def evaluate_tokenizer(
     if features is not None:
         if n < 2:
             raise UserError(f"rFID needs at least 2 images, got --num={n}")
+        digest = images_hash.hexdigest()
+        if cached_real is not None and (
+            cached_real[2] != n or fid_lib.statistics_images_sha256(real_cache) != digest
+        ):
+            print(f"{real_cache} does not describe these {n} images; recomputing it", flush=True)
+            cached_real = None
+            for x, keep in _split_batches(tok, split, batch_size, num):
+                real_acc.add(features(metrics.to_uint8(x[keep])))
         if cached_real is not None:
-            mu, sigma, n_cached = cached_real
-            if n_cached != n:
-                raise UserError(
-                    f"cached statistics {real_cache} hold N = {n_cached}, not {n}; delete the "
-                    "file to recompute it"
-                )
+            mu, sigma, _ = cached_real
             result["rfid"] = fid_lib.frechet_distance(mu, sigma, *fake_acc.statistics())
             result["rfid_reference"] = real_cache
         else:
             if real_cache:  # the split's statistics, for gFID and later runs
-                fid_lib.save_statistics(real_cache, *real_acc.statistics(), n)
+                fid_lib.save_statistics(real_cache, *real_acc.statistics(), n, digest)
             result["rfid"] = real_acc.frechet_distance(fake_acc)
         result["rfid_num"] = n
         result["inception_weights"] = inception_weights

@@ -257,12 +257,21 @@ def frechet_distance_of_features(features_a: np.ndarray, features_b: np.ndarray)
     return float(max(value, 0.0))
 
 
-def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, num: int) -> None:
-    """Write mu, sigma, num to ``path`` (.npz) atomically."""
+def save_statistics(
+    path: str, mu: np.ndarray, sigma: np.ndarray, num: int, images_sha256: str = ""
+) -> None:
+    """Write mu, sigma, num (and the SHA-256 of the uint8 images they describe, when known) to
+    ``path`` (.npz) atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, num=np.int64(num))
+    np.savez(tmp, mu=mu, sigma=sigma, num=np.int64(num), images_sha256=np.str_(images_sha256))
     os.replace(tmp, path)
+
+
+def statistics_images_sha256(path: str) -> str:
+    """The images' SHA-256 stored with the statistics at ``path`` ("" if none was stored)."""
+    with np.load(path, allow_pickle=False) as d:
+        return str(d["images_sha256"]) if "images_sha256" in d else ""
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, int]:
