@@ -162,7 +162,7 @@ def report(
         row = {"name": name, "usage": usage, "tokens_per_sec": tps}
         usage_cell = f"{ev['codebook_usage']:.3f}"
         if stages:
-            usage_cell = f"{usage:.3f} (stages {' / '.join(f'{u:.3f}' for u in stages)})"
+            usage_cell = f"{usage:.3f} (stages {metrics.stage_usage_text(ev)})"
         rfid = lpips = "-"
         if "rfid" in extra:
             row["rfid"] = extra["rfid"]

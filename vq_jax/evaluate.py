@@ -339,8 +339,8 @@ def _summary(r: dict[str, Any]) -> str:
         f"SSIM {metrics.ssim_text(r)}",
         f"codebook usage {r['codebook_usage']:.3f} ({r['codes_used']} codes)",
     ]
-    if stages := metrics.stage_usages(r):
-        parts.append("per stage " + " / ".join(f"{u:.3f}" for u in stages))
+    if stages := metrics.stage_usage_text(r):
+        parts.append("per stage " + stages)
     return " | ".join(parts)
 
 

@@ -156,6 +156,11 @@ def stage_usages(result: dict[str, Any]) -> list[float]:
     return usages
 
 
+def stage_usage_text(result: dict[str, Any]) -> str:
+    """The per-stage usages as "0.065 / 0.313 / ..." for logs and tables ("" for depth 1)."""
+    return " / ".join(f"{u:.3f}" for u in stage_usages(result))
+
+
 def to_uint8(images: Any) -> np.ndarray:
     """Map float images in [-1, 1] to uint8 [0, 255] (rounded, clipped)."""
     images = np.asarray(images, dtype=np.float32)
