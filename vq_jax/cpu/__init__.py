@@ -4,8 +4,10 @@ The networks compute with XLA's ops unless ``enable`` installs others into
 ``vq_jax.nets.kernels`` (the runtime setting they read while tracing):
 
 - "xla": XLA's conv and the networks' XLA GroupNorm formulation.
-- "onednn": oneDNN convolutions (``conv``) and the fused GroupNorm + swish kernel
-  (``group_norm``), both XLA FFI custom calls built from ``csrc/`` by ``native``; raises
+- "onednn": oneDNN convolutions (``conv``), the fused GroupNorm + swish kernel
+  (``group_norm``) and the screened nearest-code search for codebooks above
+  ``quantizers.BLOCKED_SEARCH_ABOVE`` codes (``search``), all XLA FFI custom calls built from
+  ``csrc/`` by ``native``; raises
   ``native.NativeUnavailable`` naming the fix when they cannot be built here.
 - "auto": "onednn" where one CPU device runs the programs and the kernels build, else "xla"
   (a custom call has no sharding rule: on several devices XLA would gather its operands). A
@@ -16,9 +18,9 @@ never while tracing, in ``model.init`` or in ``Tokenizer.encode``. The trainer c
 ``enable(config.train.cpu_kernels)`` before it traces anything, sample.py and
 ``vq_jax.evaluate`` call ``enable("auto")``; ``vq_jax.load`` leaves the setting as it is (no
 build, no output when loading a tokenizer), so a library user opts in with
-``vq_jax.cpu.enable()``. The setting never
-changes parameters or shapes: only the order of the float additions. ``xla_options`` holds the
-XLA compiler options the programs compile with.
+``vq_jax.cpu.enable()``. The setting never changes parameters, shapes or code indices: only
+the order of the float additions. ``xla_options`` holds the XLA compiler options the programs
+compile with.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ class NativeKernelWarning(UserWarning):
 
 def onednn_kernels() -> kernels.Kernels:
     """The native kernels as a ``vq_jax.nets.kernels.Kernels`` (the library must be loaded)."""
-    from vq_jax.cpu import conv, group_norm  # import-time cost only for those who use them
+    from vq_jax.cpu import conv, group_norm, search  # import cost only for those who use them
 
-    return kernels.Kernels("onednn", conv.conv_general_dilated, group_norm.group_norm)
+    return kernels.Kernels(
+        "onednn", conv.conv_general_dilated, group_norm.group_norm, search.nearest_code
+    )
 
 
 def check_mode(mode: str, field: str = "mode") -> None:

@@ -44,13 +44,14 @@ import jaxlib
 import numpy as np
 
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = (_CSRC / "onednn_conv.cc", _CSRC / "group_norm_swish.cc")
+SOURCES = (_CSRC / "onednn_conv.cc", _CSRC / "group_norm_swish.cc", _CSRC / "nearest_code.cc")
 _TARGETS = {  # custom-call name -> symbol in the library
     "vq_jax_onednn_conv_forward": "VqOnednnConvForward",
     "vq_jax_onednn_conv_backward_data": "VqOnednnConvBackwardData",
     "vq_jax_onednn_conv_backward_weights": "VqOnednnConvBackwardWeights",
     "vq_jax_group_norm_forward": "VqGroupNormForward",
     "vq_jax_group_norm_backward": "VqGroupNormBackward",
+    "vq_jax_nearest_code": "VqNearestCode",
 }
 DTYPES = (jnp.float32, jnp.bfloat16)
 INSTALL_HINT = (
@@ -172,6 +173,9 @@ def _library() -> ctypes.CDLL | str:
     lib.VqOnednnConvSupported.argtypes = [ctypes.c_int, *[dims] * 5, ctypes.c_char_p, ctypes.c_int]
     lib.VqOnednnConvSupported.restype = ctypes.c_int
     lib.VqOnednnCpuIsa.restype = ctypes.c_int
+    search_args = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_char_p]
+    lib.VqNearestCodeSupported.argtypes = [*search_args, ctypes.c_int]
+    lib.VqNearestCodeSupported.restype = ctypes.c_int
     return lib
 
 
@@ -290,4 +294,55 @@ def group_norm_backward(
     outs = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, scale, bias))
     return jax.ffi.ffi_call("vq_jax_group_norm_backward", outs)(
         x, scale, bias, mean, rstd, dout, num_groups=np.int32(num_groups), swish=swish
+    )
+
+
+# dnnl_cpu_isa_t bits of AVX512_CORE_BF16: ISAs that include them (AVX512-BF16, AMX) compute
+# bfloat16 dot products in hardware, 2-3x float32's rate.
+_BF16_ISA_BITS = 0xE7
+SEARCH_ROWS, SEARCH_BLOCK, SEARCH_MAX_CANDIDATES = 256, 2048, 256
+
+
+def bf16_dot_hardware() -> bool:
+    """Whether oneDNN computes bfloat16 dot products in hardware here (AVX512-BF16 or AMX)."""
+    require()
+    return _library().VqOnednnCpuIsa() & _BF16_ISA_BITS == _BF16_ISA_BITS
+
+
+@functools.cache
+def nearest_code_unsupported(
+    d: int, screen_bits: int = 16, rows: int = SEARCH_ROWS, block: int = SEARCH_BLOCK
+) -> str | None:
+    """None when oneDNN has the screening matmul (bfloat16: 16, float32: 32) for D = `d` on this
+    CPU, else its reason. oneDNN 3.2 has no bfloat16 matmul on AVX2-only CPUs."""
+    require()
+    why = ctypes.create_string_buffer(512)
+    ok = _library().VqNearestCodeSupported(rows, block, d, screen_bits, why, len(why))
+    return None if ok else why.value.decode(errors="replace") or "unsupported"
+
+
+def nearest_code(
+    x: jax.Array,
+    codes: jax.Array,
+    screen_bits: int = 16,
+    rows: int = SEARCH_ROWS,
+    block: int = SEARCH_BLOCK,
+    max_candidates: int = SEARCH_MAX_CANDIDATES,
+) -> tuple[jax.Array, jax.Array]:
+    """(indices [N] int32, stats [2] int32): the exact nearest code (squared L2, ties to the
+    lowest index) of each row of x [N, D] in codes [K, D], screened by a bfloat16 (16) or float32
+    (32) matmul and rescored in float64 (csrc/nearest_code.cc; CPU only). stats: rows searched
+    exhaustively (more than `max_candidates` candidates), most candidates of one row."""
+    outs = (
+        jax.ShapeDtypeStruct((x.shape[0],), jnp.int32),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+    )
+    call = jax.ffi.ffi_call("vq_jax_nearest_code", outs, vmap_method="sequential")
+    return call(
+        x.astype(jnp.float32),
+        codes.astype(jnp.float32),
+        rows=np.int64(rows),
+        block=np.int64(min(block, codes.shape[0])),
+        max_candidates=np.int64(max_candidates),
+        screen_bits=np.int64(screen_bits),
     )

@@ -1,9 +1,11 @@
-"""The runtime kernel setting the networks read: which conv and GroupNorm implementations run.
+"""The runtime kernel setting the networks read: which conv, GroupNorm and code search run.
 
-Networks build ``conv(...)`` (``nn.Conv`` with ``conv_general_dilated`` below) and ask
-``group_norm_kernel()`` in their GroupNorm; both read the installed ``Kernels`` while tracing.
+Networks build ``conv(...)`` (``nn.Conv`` with ``conv_general_dilated`` below), ask
+``group_norm_kernel()`` in their GroupNorm, and the quantizers' large-codebook search asks
+``current().nearest_code``; all read the installed ``Kernels`` while tracing.
 The default is XLA's own ops. ``vq_jax.cpu.enable`` installs the native CPU kernels (oneDNN
-convs, fused GroupNorm + swish); nothing here imports it, so the networks work without it.
+convs, fused GroupNorm + swish, the screened code search); nothing here imports it, so the
+networks work without it.
 The setting chooses how the same sums are computed, never parameters or shapes.
 """
 
@@ -20,16 +22,20 @@ from flax import linen as nn
 
 # (x, scale, bias, num_groups, epsilon, swish) -> y, for float32 NHWC x: GroupNorm (then swish)
 GroupNormKernel = Callable[[jax.Array, jax.Array, jax.Array, int, float, bool], jax.Array]
+# (x [N, D], codebook [K, D]) -> index [N] int32 of the nearest code (squared L2, lowest on ties)
+SearchKernel = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
     """One choice of kernels: `conv` has ``jax.lax.conv_general_dilated``'s signature;
-    `group_norm` is None for the networks' own (XLA) GroupNorm formulation."""
+    `group_norm` is None for the networks' own (XLA) GroupNorm formulation; `nearest_code` is
+    None for XLA's blocked search over large codebooks (``quantizers.nearest_code``)."""
 
     name: str
     conv: Callable[..., jax.Array] = jax.lax.conv_general_dilated
     group_norm: GroupNormKernel | None = None
+    nearest_code: SearchKernel | None = None
 
 
 XLA = Kernels("xla")

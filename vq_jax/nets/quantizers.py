@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vq_jax.nets import kernels
+
 Array = jax.Array
 Dtype = Any
 
@@ -264,10 +266,15 @@ def blocked_nearest_code(
 def nearest_code(x: Array, codebook: Array, *, blocked: bool | None = None) -> Array:
     """Index of the nearest code (squared L2) of each row of x [N, D] in codebook [K, D].
 
-    ``blocked=None`` chooses the blocked search when K > ``BLOCKED_SEARCH_ABOVE``.
+    ``blocked=None`` chooses, when K > ``BLOCKED_SEARCH_ABOVE``, the installed search kernel
+    (``vq_jax.cpu.enable`` installs a native one) or else the blocked search; the exhaustive
+    search below that. All give the same indices.
     """
     if blocked is None:
         blocked = codebook.shape[0] > BLOCKED_SEARCH_ABOVE
+        kernel = kernels.current().nearest_code
+        if blocked and kernel is not None:
+            return kernel(x, codebook)
     if blocked:
         return blocked_nearest_code(x, codebook)
     return exhaustive_nearest_code(x, codebook)
