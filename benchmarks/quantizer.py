@@ -6,12 +6,14 @@ is residual VQ of depth N (N stages per token).
 
   JAX_PLATFORMS=cpu python -m benchmarks.quantizer
   python -m benchmarks.quantizer --tokens=65536 --sizes=1024,16384 --dims=32,256 --json=q.json
-  python -m benchmarks.quantizer --sizes=65536 --dims=8,256 --search=exhaustive,blocked
+  python -m benchmarks.quantizer --sizes=65536 --dims=8,256 --search=exhaustive,blocked,native
   python -m benchmarks.quantizer --kinds=vq,ema,fsq,lfq,simvq,ibq,rvq2 --sizes=512,16384 --dims=32
 
 ``--search`` lists the nearest-code searches to time (VectorQuantizer's ``search`` field;
-default ``auto``, blocked above quantizers.BLOCKED_SEARCH_ABOVE codes); several run in the same
-process, interleaved per (K, D), so that a shared machine's load hits them alike.
+default ``auto``, blocked above quantizers.BLOCKED_SEARCH_ABOVE codes; ``native``: ``auto`` with
+the native CPU kernels installed, i.e. vq_jax.cpu.search's screened search above that size, its
+screen in the row's ``screen_bits``); several run in the same process, interleaved per (K, D),
+so that a shared machine's load hits them alike.
 
 Each row also gives the compiled program's scratch memory (XLA memory analysis) next to the
 size an [N, K, D] difference tensor would take: the search is one [N, D] x [D, K] matmul, so the
@@ -27,9 +29,10 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import common
-from vq_jax import errors, state
+from vq_jax import cpu, errors, state
+from vq_jax.cpu import search as native_search
 from vq_jax.errors import UserError
-from vq_jax.nets import quantizer_registry, quantizers
+from vq_jax.nets import kernels, quantizer_registry, quantizers
 from vq_jax.nets.lfq import LFQ, lfq_bits
 from vq_jax.nets.quantizers import FSQ
 
@@ -41,7 +44,7 @@ _SIZES = flags.DEFINE_list("sizes", ["512", "4096", "16384", "65536"], "Codebook
 _DIMS = flags.DEFINE_list("dims", ["8", "32", "64", "256"], "Code dimensions D.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (median) after one warm-up call.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
-_SEARCH = flags.DEFINE_list("search", ["auto"], "Searches: auto, blocked, exhaustive.")
+_SEARCH = flags.DEFINE_list("search", ["auto"], "Searches: auto, blocked, exhaustive, native.")
 _KINDS = flags.DEFINE_list("kinds", ["vq"], "Quantizer kinds (registry names; rvqN = depth N).")
 
 
@@ -80,6 +83,16 @@ def bench_one(
 ) -> dict:
     """Times quantize (indices only) and quantize + grad (train mode, statistics updated) for
     one (kind, K, D)."""
+    if search != "native":
+        return _bench(num_tokens, codebook_size, dim, repeats, search, kind)
+    cpu.native.require()
+    with kernels.installed(cpu.onednn_kernels()):
+        row = _bench(num_tokens, codebook_size, dim, repeats, "auto", kind)
+    bits = native_search.screen_bits(row["dim"])
+    return row | {"search": search, "screen_bits": bits}
+
+
+def _bench(num_tokens: int, codebook_size: int, dim: int, repeats: int, search: str, kind: str):
     vq = build(kind, codebook_size, dim, search)
     if isinstance(vq, FSQ):  # fsq / lfq: D follows from the levels / bits
         dim = len(vq.levels)

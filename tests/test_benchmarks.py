@@ -9,6 +9,9 @@ import os
 import pytest
 from subproc import run_script
 
+from vq_jax.cpu import native
+from vq_jax.nets import quantizers
+
 
 def _report(tmp_path, *args: str) -> dict:
     out = os.path.join(tmp_path, "r.json")
@@ -52,6 +55,19 @@ def test_quantizer_benchmark_rows(tmp_path):
     for row in r["rows"]:
         assert row["tokenize_tokens_per_s"] > 0 and row["train_tokens_per_s"] > 0
         assert row["scratch_mib"] < row["nkd_tensor_mib"] or row["nkd_tensor_mib"] < 1
+
+
+def test_quantizer_benchmark_native_search(tmp_path):
+    """--search=native: the screened search's row, beside the blocked one, above the threshold."""
+    if not native.available():
+        pytest.skip("oneDNN extra not installed (pip install '.[onednn]')")
+    k = quantizers.BLOCKED_SEARCH_ABOVE + 1
+    r = _report(
+        tmp_path, "benchmarks.quantizer", "--tokens=256", f"--sizes={k}", "--dims=32",
+        "--repeats=1", "--search=blocked,native",
+    )  # fmt: skip
+    assert [row["search"] for row in r["rows"]] == ["blocked", "native"]
+    assert r["rows"][1]["screen_bits"] in (16, 32) and r["rows"][1]["tokenize_tokens_per_s"] > 0
 
 
 def test_quantizer_benchmark_kinds(tmp_path):
