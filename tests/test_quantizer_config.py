@@ -131,8 +131,16 @@ def test_workdir_with_flat_config_loads_resumes_and_samples(tmp_path):
             lambda c: c.quantizer.update(kind="lfq", codebook_size=2**31),
             r"config.quantizer.codebook_size=2147483648 .*int32",
         ),
+        (
+            lambda c: (
+                setattr(c.quantizer, "kind", "ibq"),
+                c.quantizer.ibq.update(entropy_weight=0.1, entropy_temperature=0.0),
+            ),
+            r"config.quantizer.ibq.entropy_temperature=0.0 .*> 0.*"
+            r"--config.quantizer.ibq.entropy_temperature=0.01",
+        ),
     ],
-    ids=["unknown_kind", "fsq_levels", "lfq_bits", "rvq_depth", "int32", "lfq_int32"],
+    ids=["unknown_kind", "fsq_levels", "lfq_bits", "rvq_depth", "int32", "lfq_int32", "ibq_ent"],
 )
 def test_bad_quantizer_settings_are_one_line_errors(edit, match):
     config = vqvae.get_config("tiny")

@@ -7,8 +7,11 @@ gradients through the softmax of the logits (straight-through):
 
 so z_q equals e_i in value while d z_q / d E and d z_q / d z reach every code through the
 softmax. The loss is IBQ's double quantization loss on z_q: codebook_loss = mean ||sg[z] - z_q||^2
-plus beta * commitment_loss, commitment_loss = mean ||z - sg[z_q]||^2. The [N, K] logits are the
-method (all codes take part), so memory grows with N * K.
+plus beta * commitment_loss, commitment_loss = mean ||z - sg[z_q]||^2, plus, with
+``entropy_weight > 0``, the entropy penalty IBQ trains with (as MAGVIT-v2's): with
+p_n = softmax(z_n . E^T / entropy_temperature), mean_n H(p_n) - H(mean_n p_n) over the batch,
+low for confident assignments that spread over the codebook. The [N, K] logits are the method
+(all codes take part), so memory grows with N * K.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from vq_jax.nets.quantizers import (
     code_histogram,
     codebook_aux,
     codebook_initializer,
+    entropy_regularizer,
 )
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -42,6 +46,8 @@ class IBQ(nn.Module):
     beta: float = 0.25
     temperature: float = 1.0
     codebook_init: str = "variance_scaling"
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
@@ -49,6 +55,10 @@ class IBQ(nn.Module):
         check_positive_int("IBQ", "embed_dim", self.embed_dim)
         if self.temperature <= 0:
             raise ValueError(f"IBQ: temperature must be > 0, got {self.temperature}; use 1.0.")
+        if self.entropy_weight and self.entropy_temperature <= 0:
+            raise ValueError(
+                f"IBQ: entropy_temperature must be > 0, got {self.entropy_temperature}; use 0.01."
+            )
         check_codebook_init("IBQ", self.codebook_init)
         super().__post_init__()
 
@@ -70,7 +80,8 @@ class IBQ(nn.Module):
         check_last_dim("IBQ", z, self.embed_dim)
         flat = z.reshape(-1, self.embed_dim).astype(jnp.float32)
         codes = jnp.asarray(self.codebook, jnp.float32)
-        logits = jnp.matmul(flat, codes.T, precision=_HIGHEST) / self.temperature
+        inner = jnp.matmul(flat, codes.T, precision=_HIGHEST)
+        logits = inner / self.temperature
         indices = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         soft = jax.nn.softmax(logits, axis=-1)
         hard = jax.nn.one_hot(indices, self.codebook_size, dtype=jnp.float32)
@@ -78,12 +89,20 @@ class IBQ(nn.Module):
         z_q = jnp.matmul(weights, codes, precision=_HIGHEST)
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(flat) - z_q))
         commitment_loss = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(z_q)))
+        if self.entropy_weight:
+            entropy_loss = entropy_regularizer(-inner, self.entropy_temperature)
+        else:
+            entropy_loss = jnp.zeros((), jnp.float32)
+        loss = codebook_loss + self.beta * commitment_loss + self.entropy_weight * entropy_loss
         counts = code_histogram(indices, self.codebook_size)
         return z_q.astype(self.dtype).reshape(z.shape), QuantizerResult(
             indices=indices.reshape(z.shape[:-1]),
-            loss=(codebook_loss + self.beta * commitment_loss).astype(jnp.float32),
+            loss=loss.astype(jnp.float32),
             aux=codebook_aux(
-                counts=counts, codebook_loss=codebook_loss, commitment_loss=commitment_loss
+                counts=counts,
+                codebook_loss=codebook_loss,
+                commitment_loss=commitment_loss,
+                entropy_loss=entropy_loss,
             ),
         )
 

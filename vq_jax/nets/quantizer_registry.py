@@ -190,6 +190,8 @@ def _depth_problems(fields: dict) -> list[Problem]:
 def _ibq_problems(fields: dict) -> list[Problem]:
     if not fields.get("temperature", 0) > 0:
         return [("ibq.temperature", fields.get("temperature"), "> 0", 1.0)]
+    if fields.get("entropy_weight") and not fields.get("entropy_temperature", 0) > 0:
+        return [("ibq.entropy_temperature", fields.get("entropy_temperature"), "> 0", 0.01)]
     return []
 
 
@@ -280,7 +282,7 @@ register(
     QuantizerKind(
         name="ibq",
         cls=IBQ,
-        fields=("beta", "temperature", "codebook_init"),
+        fields=("beta", "temperature", "codebook_init", "entropy_weight", "entropy_temperature"),
         build=lambda k, d, f, dtype: IBQ(codebook_size=k, embed_dim=d, **f, dtype=dtype),
         check=_codebook_check(_ibq_problems, _init_problems("ibq")),
     )
