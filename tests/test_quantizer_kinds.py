@@ -228,14 +228,18 @@ def test_simvq_codes_are_frozen_times_learned_map_and_grads_reach_only_the_map()
 # --- IBQ ----------------------------------------------------------------------------------------
 
 
+def _ibq_applied(q: IBQ, n: int, seed: int, key: int):
+    """(z, variables, codebook and z in float64, z_q, result) of q on n random vectors."""
+    z = _z((n, q.embed_dim), seed=seed)
+    variables = q.init({"params": jax.random.key(key)}, z)
+    codes = np.asarray(variables["params"]["codebook"], np.float64)
+    return z, variables, codes, np.asarray(z, np.float64), *q.apply(variables, z)
+
+
 def test_ibq_forward_and_codebook_gradient_match_numpy():
     k, d, temp = 6, 3, 0.7
     q = IBQ(k, d, temperature=temp)
-    z = _z((5, d), seed=10)
-    variables = q.init({"params": jax.random.key(0)}, z)
-    codes = np.asarray(variables["params"]["codebook"], np.float64)
-    zn = np.asarray(z, np.float64)
-    z_q, res = q.apply(variables, z)
+    z, variables, codes, zn, z_q, res = _ibq_applied(q, 5, seed=10, key=0)
     logits = zn @ codes.T / temp
     idx = logits.argmax(-1)
     np.testing.assert_array_equal(res.indices, idx)
@@ -259,11 +263,7 @@ def test_ibq_forward_and_codebook_gradient_match_numpy():
 def test_ibq_entropy_penalty_matches_numpy_and_reaches_every_code():
     k, d, w, t_e = 7, 3, 0.3, 0.5
     q = IBQ(k, d, entropy_weight=w, entropy_temperature=t_e)
-    z = _z((6, d), seed=12)
-    variables = q.init({"params": jax.random.key(1)}, z)
-    codes = np.asarray(variables["params"]["codebook"], np.float64)
-    zn = np.asarray(z, np.float64)
-    _, res = q.apply(variables, z)
+    z, variables, codes, zn, _, res = _ibq_applied(q, 6, seed=12, key=1)
     inner = zn @ codes.T / t_e
     p = np.exp(inner - inner.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -273,6 +273,7 @@ def test_ibq_entropy_penalty_matches_numpy_and_reaches_every_code():
     quant = np.mean((zn - zq) ** 2) * (1 + q.beta)
     np.testing.assert_allclose(res.aux["entropy_loss"], entropy, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(res.loss, quant + w * entropy, rtol=1e-4, atol=1e-6)
+
     # the penalty's gradient: an independent float32 formula of the same entropy, by autodiff
     def independent(c):
         logp = jax.nn.log_softmax(z @ c.T / t_e, axis=-1)

@@ -45,6 +45,7 @@ import numpy as np
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = (_CSRC / "onednn_conv.cc", _CSRC / "group_norm_swish.cc", _CSRC / "nearest_code.cc")
+HEADERS = (_CSRC / "onednn_engine.h",)  # included by the sources; part of the cache key
 _TARGETS = {  # custom-call name -> symbol in the library
     "vq_jax_onednn_conv_forward": "VqOnednnConvForward",
     "vq_jax_onednn_conv_backward_data": "VqOnednnConvBackwardData",
@@ -107,7 +108,7 @@ def _cpu_signature() -> bytes:
 def library_path(root: Path) -> Path:
     """Where the built library is cached: one file per (sources, jaxlib, oneDNN, compiler, CPU);
     it is built with -march=native, so a cache shared between machines keeps one per CPU."""
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS))
     version = (root / "include" / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()
     digest.update(f"{jaxlib.__version__}|{root}|{os.environ.get('CXX', 'g++')}".encode())
     digest.update(version + _cpu_signature())

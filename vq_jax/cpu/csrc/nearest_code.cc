@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_engine.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -50,10 +51,7 @@ using tag = dnnl::memory::format_tag;
 
 namespace {
 
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
+using vq_jax::Engine;
 
 // bfloat16 bits of a float32, rounded to nearest even (NaN stays NaN).
 inline uint16_t ToBf16(float f) {
@@ -162,6 +160,23 @@ struct Shape {
   int64_t n, k, d;
 };
 
+// out[r] = the screen's dtype of v[r] - mu for r < valid, zeros up to padded rows; sq[r] and
+// norm[r] = |out[r]|^2 and |out[r]| (of the float32 difference, summed in float64).
+void Centre(const float* v, int64_t valid, int64_t padded, int64_t d, const float* mu, bool bf16,
+            char* out, float* sq, float* norm) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < padded; ++r) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < d; ++i) {
+      const float diff = r < valid ? v[r * d + i] - mu[i] : 0.0f;
+      Store(out, r * d + i, diff, bf16);
+      acc += static_cast<double>(diff) * diff;
+    }
+    sq[r] = static_cast<float>(acc);
+    norm[r] = static_cast<float>(std::sqrt(acc));
+  }
+}
+
 ffi::Error NearestCodeImpl(ffi::Buffer<ffi::F32> x_buf, ffi::Buffer<ffi::F32> codes_buf,
                            ffi::ResultBuffer<ffi::S32> out, ffi::ResultBuffer<ffi::S32> stats,
                            int64_t rows, int64_t block, int64_t max_candidates,
@@ -191,7 +206,7 @@ ffi::Error NearestCodeImpl(ffi::Buffer<ffi::F32> x_buf, ffi::Buffer<ffi::F32> co
   const int64_t padded_k = num_blocks * block, padded_n = num_tiles * rows;
 
   // Per-call buffers (kept between calls, per calling thread).
-  thread_local std::vector<char> b_mean, b_codes16, b_weights, b_sq, b_cn, b_x16, b_xn;
+  thread_local std::vector<char> b_mean, b_codes16, b_weights, b_sq, b_cn, b_x16, b_xsq, b_xn;
   try {
     Screen* screen = CachedScreen(rows, block, s.d, bf16);
     double* mean = Scratch<double>(b_mean, s.d);
@@ -208,34 +223,16 @@ ffi::Error NearestCodeImpl(ffi::Buffer<ffi::F32> x_buf, ffi::Buffer<ffi::F32> co
     std::vector<float> mu(s.d);
     for (int64_t i = 0; i < s.d; ++i) mu[i] = static_cast<float>(mean[i] / s.k);
 
-    // Centred codes in the screen's dtype (zero padded to whole blocks), |c'|^2 and |c'|.
+    // Centred codes in the screen's dtype (zero padded to whole blocks), |c'|^2 and |c'|; the
+    // same for the inputs (zero rows pad the last tile; their results are dropped).
     char* codes16 = Scratch<char>(b_codes16, padded_k * s.d * elem);
     float* sq = Scratch<float>(b_sq, padded_k);
     float* cn = Scratch<float>(b_cn, padded_k);
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < padded_k; ++c) {
-      double acc = 0.0;
-      for (int64_t i = 0; i < s.d; ++i) {
-        const float v = c < s.k ? codes[c * s.d + i] - mu[i] : 0.0f;
-        Store(codes16, c * s.d + i, v, bf16);
-        acc += static_cast<double>(v) * v;
-      }
-      sq[c] = static_cast<float>(acc);
-      cn[c] = static_cast<float>(std::sqrt(acc));
-    }
-    // The same for the inputs (zero rows pad the last tile; their results are dropped).
+    Centre(codes, s.k, padded_k, s.d, mu.data(), bf16, codes16, sq, cn);
     char* x16 = Scratch<char>(b_x16, padded_n * s.d * elem);
+    float* xsq = Scratch<float>(b_xsq, padded_n);
     float* xn = Scratch<float>(b_xn, padded_n);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < padded_n; ++r) {
-      double acc = 0.0;
-      for (int64_t i = 0; i < s.d; ++i) {
-        const float v = r < s.n ? x[r * s.d + i] - mu[i] : 0.0f;
-        Store(x16, r * s.d + i, v, bf16);
-        acc += static_cast<double>(v) * v;
-      }
-      xn[r] = static_cast<float>(std::sqrt(acc));
-    }
+    Centre(x, s.n, padded_n, s.d, mu.data(), bf16, x16, xsq, xn);
     // Each block of codes in the matmul's weights layout, once per call.
     const size_t wbytes = screen->pd.weights_desc().get_size();
     char* weights = Scratch<char>(b_weights, wbytes * num_blocks);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_engine.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -32,10 +33,7 @@ using tag = dnnl::memory::format_tag;
 
 namespace {
 
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
+using vq_jax::Engine;
 
 struct Geometry {
   memory::dims src, wei, dst, strides, pad_l, pad_r;
