@@ -18,6 +18,9 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# numpy's OpenBLAS threads spin while they wait: on a busy 2-core machine (CI's is shared) a
+# 2048 x 2048 eigendecomposition for FID took 5-40 s with them and ~1.3 s with one thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # imported only after the environment above is set
 
