@@ -10,8 +10,9 @@ is residual VQ of depth N (N stages per token).
   python -m benchmarks.quantizer --kinds=vq,ema,fsq,lfq,simvq,ibq,rvq2 --sizes=512,16384 --dims=32
 
 ``--search`` lists the nearest-code searches to time (VectorQuantizer's ``search`` field;
-default ``auto``, blocked above quantizers.BLOCKED_SEARCH_ABOVE codes; ``native``: ``auto`` with
-the native CPU kernels installed, i.e. vq_jax.cpu.search's screened search above that size, its
+default ``auto``: quantizers.nearest_code's choice, on CPU blocked above
+quantizers.CPU_SEARCH_ABOVE codes; ``native``: ``auto`` with the native CPU kernels installed,
+i.e. vq_jax.cpu.search's screened search above that size, its
 screen in the row's ``screen_bits``); several run in the same process, interleaved per (K, D),
 so that a shared machine's load hits them alike.
 

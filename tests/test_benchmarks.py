@@ -61,7 +61,7 @@ def test_quantizer_benchmark_native_search(tmp_path):
     """--search=native: the screened search's row, beside the blocked one, above the threshold."""
     if not native.available():
         pytest.skip("oneDNN extra not installed (pip install '.[onednn]')")
-    k = quantizers.BLOCKED_SEARCH_ABOVE + 1
+    k = quantizers.CPU_SEARCH_ABOVE + 1
     r = _report(
         tmp_path, "benchmarks.quantizer", "--tokens=256", f"--sizes={k}", "--dims=32",
         "--repeats=1", "--search=blocked,native",

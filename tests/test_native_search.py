@@ -103,10 +103,14 @@ def test_ties_go_to_the_lowest_index_and_crowded_rows_are_searched_exhaustively(
 @needs_onednn
 def test_quantizers_run_the_installed_kernel_above_the_threshold():
     native.require()
-    k, n, d = quantizers.BLOCKED_SEARCH_ABOVE + 3, 96, 16
+    k, n, d = quantizers.CPU_SEARCH_ABOVE + 3, 96, 16
     x = jax.random.normal(jax.random.key(0), (n, d))
     codes = jax.random.normal(jax.random.key(1), (k, d))
     assert "vq_jax_nearest_code" not in jax.jit(quantizers.nearest_code).lower(x, codes).as_text()
+    small = codes[: quantizers.CPU_SEARCH_ABOVE]
+    with kernels.installed(cpu.onednn_kernels()):  # small codebooks keep XLA's search
+        small_text = jax.jit(quantizers.nearest_code).lower(x, small).as_text()
+    assert "vq_jax_nearest_code" not in small_text
     vq = quantizers.VectorQuantizer(codebook_size=k, embed_dim=d)
     exhaustive = quantizers.VectorQuantizer(codebook_size=k, embed_dim=d, search="exhaustive")
     rvq = ResidualVQ(codebook_size=k, embed_dim=d, depth=2)

@@ -322,13 +322,23 @@ def test_blocked_search_breaks_ties_like_argmin():
     np.testing.assert_array_equal(exhaustive, first_min)
 
 
-def test_blocked_search_is_chosen_above_the_threshold():
-    big = quantizers.BLOCKED_SEARCH_ABOVE + 1
-    x, codes = _z((4, 2)), _z((big, 2), seed=1)
-    text = jax.jit(quantizers.nearest_code).lower(x, codes).as_text()
-    assert "while" in text or "scan" in text
-    small = jax.jit(quantizers.nearest_code).lower(x, codes[:64]).as_text()
-    assert "while" not in small
+def test_blocked_search_is_chosen_above_the_thresholds():
+    """Blocked (a loop) above BLOCKED_SEARCH_ABOVE codes everywhere; between CPU_SEARCH_ABOVE
+    and that, blocked on CPU and one matmul + argmin on accelerators; exhaustive below."""
+
+    def loops(k: int, platform: str) -> bool:
+        x, codes = _z((4, 2)), _z((k, 2), seed=1)
+        exported = jax.export.export(jax.jit(quantizers.nearest_code), platforms=[platform])
+        return "while" in exported(x, codes).mlir_module()
+
+    big, middle = quantizers.BLOCKED_SEARCH_ABOVE + 1, quantizers.CPU_SEARCH_ABOVE + 1
+    assert loops(big, "cpu") and loops(big, "cuda") and loops(big, "tpu")
+    assert loops(middle, "cpu") and not loops(middle, "cuda") and not loops(middle, "tpu")
+    assert not loops(quantizers.CPU_SEARCH_ABOVE, "cpu")
+    x, codes = _z((40, 3)), _z((middle, 3), seed=2)
+    np.testing.assert_array_equal(
+        jax.jit(quantizers.nearest_code)(x, codes), quantizers.exhaustive_nearest_code(x, codes)
+    )
 
 
 def test_blocked_search_never_allocates_n_by_k():

@@ -6,7 +6,7 @@ The networks compute with XLA's ops unless ``enable`` installs others into
 - "xla": XLA's conv and the networks' XLA GroupNorm formulation.
 - "onednn": oneDNN convolutions (``conv``), the fused GroupNorm + swish kernel
   (``group_norm``) and the screened nearest-code search for codebooks above
-  ``quantizers.BLOCKED_SEARCH_ABOVE`` codes (``search``), all XLA FFI custom calls built from
+  ``quantizers.CPU_SEARCH_ABOVE`` codes (``search``), all XLA FFI custom calls built from
   ``csrc/`` by ``native``; raises
   ``native.NativeUnavailable`` naming the fix when they cannot be built here.
 - "auto": "onednn" where one CPU device runs the programs and the kernels build, else "xla"

@@ -5,8 +5,8 @@ screening every code with a oneDNN matmul, keeping those a rounding bound cannot
 rescoring them in float64. The screen is bfloat16 on CPUs that compute bfloat16 dot products in
 hardware (AVX512-BF16, AMX) and D >= ``BF16_MIN_DIM``, float32 elsewhere: at K = 65536 it is
 2.1x XLA's blocked float32 search at D = 256 and 2-3x at D = 8 (BENCHMARKS.md section 3d).
-Where oneDNN has no matmul for the case, XLA's blocked search runs instead (one warning line).
-On other platforms (a program traced here but run on an accelerator) XLA's search runs.
+Where oneDNN has no matmul for the case, XLA's search runs instead (one warning line), as it does
+on other platforms (a program traced here but run on an accelerator).
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
             _warned.add(bits)
             logging.warning(
                 "vq_jax: oneDNN has no %d-bit matmul for the nearest-code search on this CPU "
-                "(oneDNN ISA %s: %s); using XLA's blocked search (same indices, slower).",
+                "(oneDNN ISA %s: %s); using XLA's search (same indices, slower).",
                 bits, native.cpu_isa(), why,
             )  # fmt: skip
-        return quantizers.blocked_nearest_code(x, codebook)
+        return quantizers.xla_nearest_code(x, codebook)
     return jax.lax.platform_dependent(
         x,
         codebook,
         cpu=lambda x_, c_: native.nearest_code(x_, c_, screen_bits=bits)[0],
-        default=quantizers.blocked_nearest_code,
+        default=quantizers.xla_nearest_code,
     )

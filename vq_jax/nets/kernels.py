@@ -30,7 +30,8 @@ SearchKernel = Callable[[jax.Array, jax.Array], jax.Array]
 class Kernels:
     """One choice of kernels: `conv` has ``jax.lax.conv_general_dilated``'s signature;
     `group_norm` is None for the networks' own (XLA) GroupNorm formulation; `nearest_code` is
-    None for XLA's blocked search over large codebooks (``quantizers.nearest_code``)."""
+    None for XLA's search (``quantizers.xla_nearest_code``) over codebooks of more than
+    ``quantizers.CPU_SEARCH_ABOVE`` codes."""
 
     name: str
     conv: Callable[..., jax.Array] = jax.lax.conv_general_dilated

@@ -198,7 +198,12 @@ def squared_distances(x: Array, codebook: Array) -> Array:
 
 
 BLOCKED_SEARCH_ABOVE = 4096
-"""Codebooks with more codes than this are searched in blocks (:func:`nearest_code`)."""
+"""Codebooks with more codes than this are searched in blocks on every platform
+(:func:`nearest_code`); below it accelerators take one [N, K] matmul and argmin."""
+CPU_SEARCH_ABOVE = 128
+"""On CPU, codebooks with more codes than this are searched in blocks, or by the installed
+search kernel: XLA:CPU's [N, K] argmin is already 2-8x slower at K = 256...4096
+(BENCHMARKS.md section 3d)."""
 SEARCH_BLOCK = 2048
 """Codes per block of the blocked search."""
 SEARCH_ROWS = 128
@@ -263,18 +268,33 @@ def blocked_nearest_code(
     return jax.lax.map(search_tile, x.reshape(num_tiles, rows, d)).reshape(-1)[:n]
 
 
+def xla_nearest_code(x: Array, codebook: Array) -> Array:
+    """XLA's search for this codebook size and platform: exhaustive up to ``CPU_SEARCH_ABOVE``
+    codes, blocked above ``BLOCKED_SEARCH_ABOVE``, and in between blocked on CPU, exhaustive
+    on accelerators (one matmul and argmin suit them)."""
+    k = codebook.shape[0]
+    if k <= CPU_SEARCH_ABOVE:
+        return exhaustive_nearest_code(x, codebook)
+    if k > BLOCKED_SEARCH_ABOVE:
+        return blocked_nearest_code(x, codebook)
+    return jax.lax.platform_dependent(
+        x, codebook, cpu=blocked_nearest_code, default=exhaustive_nearest_code
+    )
+
+
 def nearest_code(x: Array, codebook: Array, *, blocked: bool | None = None) -> Array:
     """Index of the nearest code (squared L2) of each row of x [N, D] in codebook [K, D].
 
-    ``blocked=None`` chooses, when K > ``BLOCKED_SEARCH_ABOVE``, the installed search kernel
-    (``vq_jax.cpu.enable`` installs a native one) or else the blocked search; the exhaustive
-    search below that. All give the same indices.
+    ``blocked=None`` chooses: above ``CPU_SEARCH_ABOVE`` codes the installed search kernel
+    (``vq_jax.cpu.enable`` installs a native CPU one), else :func:`xla_nearest_code`.
+    ``blocked=True`` / ``False`` force the blocked / exhaustive search. All give the same
+    indices.
     """
     if blocked is None:
-        blocked = codebook.shape[0] > BLOCKED_SEARCH_ABOVE
         kernel = kernels.current().nearest_code
-        if blocked and kernel is not None:
+        if kernel is not None and codebook.shape[0] > CPU_SEARCH_ABOVE:
             return kernel(x, codebook)
+        return xla_nearest_code(x, codebook)
     if blocked:
         return blocked_nearest_code(x, codebook)
     return exhaustive_nearest_code(x, codebook)
@@ -419,8 +439,8 @@ class VectorQuantizer(nn.Module):
     entropy_temperature: float = 0.01
     codebook_init: str = "uniform"
     usage_decay: float = 0.99
-    search: str = "auto"  # nearest-code search: auto (blocked above BLOCKED_SEARCH_ABOVE codes),
-    # blocked or exhaustive; the same indices either way
+    search: str = "auto"  # nearest-code search: auto (nearest_code's choice by size, platform
+    # and installed kernel), blocked or exhaustive; the same indices either way
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
