@@ -4,7 +4,8 @@
 screening every code with a oneDNN matmul, keeping those a rounding bound cannot rule out, and
 rescoring them in float64. The screen is bfloat16 on CPUs that compute bfloat16 dot products in
 hardware (AVX512-BF16, AMX) and D >= ``BF16_MIN_DIM``, float32 elsewhere: at K = 65536 it is
-2.1x XLA's blocked float32 search at D = 256 and 2-3x at D = 8 (BENCHMARKS.md section 3d).
+2.1x XLA's blocked float32 search at D = 256 and 1.7x at D = 8, and at K = 256...4096 2-12x
+XLA:CPU's exhaustive search (BENCHMARKS.md section 3d).
 Where oneDNN has no matmul for the case, XLA's search runs instead (one warning line), as it does
 on other platforms (a program traced here but run on an accelerator).
 """
@@ -37,7 +38,8 @@ def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
     x = jax.lax.stop_gradient(x)
     codebook = jax.lax.stop_gradient(codebook)
     bits = screen_bits(x.shape[-1])
-    why = native.nearest_code_unsupported(x.shape[-1], bits)
+    block = min(native.SEARCH_BLOCK, codebook.shape[0])  # the block the call will use
+    why = native.nearest_code_unsupported(x.shape[-1], bits, block=block)
     if why is not None:
         if bits not in _warned:
             _warned.add(bits)
@@ -50,6 +52,6 @@ def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(
         x,
         codebook,
-        cpu=lambda x_, c_: native.nearest_code(x_, c_, screen_bits=bits)[0],
+        cpu=lambda x_, c_: native.nearest_code(x_, c_, screen_bits=bits, block=block)[0],
         default=quantizers.xla_nearest_code,
     )

@@ -89,11 +89,11 @@ class IBQ(nn.Module):
         z_q = jnp.matmul(weights, codes, precision=_HIGHEST)
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(flat) - z_q))
         commitment_loss = jnp.mean(jnp.square(flat - jax.lax.stop_gradient(z_q)))
+        loss = codebook_loss + self.beta * commitment_loss
+        entropy_loss = None  # codebook_aux reports 0 when off
         if self.entropy_weight:
             entropy_loss = entropy_regularizer(-inner, self.entropy_temperature)
-        else:
-            entropy_loss = jnp.zeros((), jnp.float32)
-        loss = codebook_loss + self.beta * commitment_loss + self.entropy_weight * entropy_loss
+            loss = loss + self.entropy_weight * entropy_loss
         counts = code_histogram(indices, self.codebook_size)
         return z_q.astype(self.dtype).reshape(z.shape), QuantizerResult(
             indices=indices.reshape(z.shape[:-1]),

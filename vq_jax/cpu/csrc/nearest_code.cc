@@ -126,31 +126,18 @@ double ExactDistance(const float* x, const float* c, int64_t d) {
   return sum;
 }
 
-// The lowest index among the codes with the smallest float64 distance to x.
-template <typename Indices>
-int32_t Rescore(const float* x, const float* codes, int64_t d, const Indices& candidates,
-                size_t count) {
-  double best = std::numeric_limits<double>::infinity();
-  int32_t best_i = count ? static_cast<int32_t>(candidates[0]) : 0;
-  for (size_t j = 0; j < count; ++j) {
-    const int64_t k = candidates[j];
-    const double dist = ExactDistance(x, codes + k * d, d);
-    if (dist < best || (dist == best && k < best_i)) {
-      best = dist;
-      best_i = static_cast<int32_t>(k);
-    }
-  }
-  return best_i;
-}
-
-int32_t ExhaustiveRow(const float* x, const float* codes, int64_t k, int64_t d) {
+// The lowest index among index_at(0), ..., index_at(count - 1) (ascending code indices) with the
+// smallest float64 distance to x.
+template <typename IndexAt>
+int32_t Nearest(const float* x, const float* codes, int64_t d, int64_t count, IndexAt index_at) {
   double best = std::numeric_limits<double>::infinity();
   int32_t best_i = 0;
-  for (int64_t c = 0; c < k; ++c) {
-    const double dist = ExactDistance(x, codes + c * d, d);
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t k = index_at(j);
+    const double dist = ExactDistance(x, codes + k * d, d);
     if (dist < best) {
       best = dist;
-      best_i = static_cast<int32_t>(c);
+      best_i = static_cast<int32_t>(k);
     }
   }
   return best_i;
@@ -258,7 +245,8 @@ ffi::Error NearestCodeImpl(ffi::Buffer<ffi::F32> x_buf, ffi::Buffer<ffi::F32> co
       dnnl::stream stream(Engine());
       memory dst_mem(screen->pd.dst_desc(), Engine(), dist);
       memory pad_mem(screen->pd.scratchpad_desc(), Engine(), pad);
-      std::vector<float> upper(rows), lower_cut(rows);
+      std::vector<float> upper(rows);
+      std::vector<int32_t> keep;
       std::vector<std::vector<std::pair<float, int32_t>>> cands(rows);
       std::vector<char> overflow(rows);
 #pragma omp for schedule(dynamic, 1)
@@ -309,18 +297,16 @@ ffi::Error NearestCodeImpl(ffi::Buffer<ffi::F32> x_buf, ffi::Buffer<ffi::F32> co
         for (int64_t r = 0; r < live; ++r) {
           const float* xr = x + (r0 + r) * s.d;
           if (overflow[r]) {
-            indices[r0 + r] = ExhaustiveRow(xr, codes, s.k, s.d);
+            indices[r0 + r] = Nearest(xr, codes, s.d, s.k, [](int64_t j) { return j; });
             ++fallbacks;
             continue;
           }
-          auto& list = cands[r];
-          const float up = upper[r];
-          std::vector<int32_t> keep;
-          keep.reserve(list.size());
-          for (const auto& p : list)
-            if (p.first <= up) keep.push_back(p.second);
+          keep.clear();  // the candidates that the final upper bound keeps, in index order
+          for (const auto& p : cands[r])
+            if (p.first <= upper[r]) keep.push_back(p.second);
           most = std::max(most, static_cast<int32_t>(keep.size()));
-          indices[r0 + r] = Rescore(xr, codes, s.d, keep, keep.size());
+          indices[r0 + r] = Nearest(xr, codes, s.d, static_cast<int64_t>(keep.size()),
+                                    [&keep](int64_t j) { return keep[j]; });
         }
       }
     }
